@@ -1,0 +1,303 @@
+"""The Llama / Mistral decoder as pure-functional Flax (linen) modules.
+
+Einsum letters, used across the package:
+  B batch, T query positions, S key positions (cache slots), D model width,
+  N query heads, K key/value heads, G query heads per KV head (N = K*G),
+  H head dim, F MLP width, V vocabulary, R adapter rank, L layers.
+
+Variable collections: `"params"` holds the (frozen) backbone, `"lora"` the LoRA
+adapters. Every parameter carries logical axis names (`nn.with_logical_partitioning`)
+that `lamini_jax.sharding` maps onto a device mesh.
+
+Numerics: the residual stream, norms, softmax and logits are float32; matmul
+inputs are cast to `compute_dtype` and accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lamini_jax.config import ModelConfig, dtype_of
+from lamini_jax.lora import LoraConfig, lora_specs, merged_kernel
+
+# einsum, kernel shape (as config attributes), logical axes, for every projection.
+PROJECTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "q": ("BTD,DNH->BTNH", ("hidden_size", "num_heads", "head_dim"), ("embed", "q_heads", "head_dim")),
+    "k": ("BTD,DKH->BTKH", ("hidden_size", "num_kv_heads", "head_dim"), ("embed", "kv_heads", "head_dim")),
+    "v": ("BTD,DKH->BTKH", ("hidden_size", "num_kv_heads", "head_dim"), ("embed", "kv_heads", "head_dim")),
+    "o": ("BTNH,NHD->BTD", ("num_heads", "head_dim", "hidden_size"), ("q_heads", "head_dim", "embed")),
+    "gate": ("BTD,DF->BTF", ("hidden_size", "intermediate_size"), ("embed", "mlp")),
+    "up": ("BTD,DF->BTF", ("hidden_size", "intermediate_size"), ("embed", "mlp")),
+    "down": ("BTF,FD->BTD", ("intermediate_size", "hidden_size"), ("mlp", "embed")),
+}
+_MODULE_OF = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
+
+
+def einsum(eqn: str, x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
+  """Matmul in `compute_dtype` with float32 accumulation and result."""
+  precision = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+  return jnp.einsum(eqn, x.astype(compute_dtype), w.astype(compute_dtype),
+                    preferred_element_type=jnp.float32, precision=precision)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer in fixed slots, plus which slots hold tokens.
+
+  `end` is the next free slot (shared by all rows: prompts are left-padded).
+  """
+
+  k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+  v: tuple[jax.Array, ...]
+  valid_BxS: jax.Array
+  end: jax.Array  # int32 scalar
+
+  @classmethod
+  def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
+    dt = dtype_of(cfg.compute_dtype)
+    shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+    return cls(k=zeros, v=zeros, valid_BxS=jnp.zeros((batch, slots), bool),
+               end=jnp.zeros((), jnp.int32))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies [H/2] in float32, with `llama3` / `linear` scaling."""
+  h = cfg.head_dim
+  inv = (1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / h))
+         ).astype(np.float32)
+  rs = cfg.rope_scaling
+  if rs.rope_type == "linear":
+    inv = inv / rs.factor
+  elif rs.rope_type == "llama3":
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv
+
+
+def apply_rope(x_BTxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates halves (the Hugging Face layout) of x [B, T, heads, H] by position."""
+  freqs_BxTxh = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  emb = jnp.concatenate([freqs_BxTxh, freqs_BxTxh], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  x = x_BTxH.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (self.cfg.hidden_size,), dtype_of(self.cfg.param_dtype))
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    return scale.astype(jnp.float32) * x
+
+
+class Projection(nn.Module):
+  """One einsum projection with an optional LoRA adapter (collection "lora")."""
+
+  proj: str
+  cfg: ModelConfig
+  lora: LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    eqn, dims, axes = PROJECTIONS[self.proj]
+    shape = tuple(getattr(self.cfg, d) for d in dims)
+    cdt = dtype_of(self.cfg.compute_dtype)
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+                        shape, dtype_of(self.cfg.param_dtype))
+    y = einsum(eqn, x, kernel, cdt)
+    if self.lora is None or self.proj not in self.lora.targets:
+      return y
+    a_eqn, b_eqn, _ = lora_specs(eqn, self.lora.rank)
+    w_spec = eqn.split("->")[0].split(",")[1]
+    out = eqn.split("->")[1]
+    n_in = sum(1 for c in w_spec if c not in out)
+    in_shape, out_shape = shape[:n_in], shape[n_in:]
+    in_axes, out_axes = axes[:n_in], axes[n_in:]
+    fan_in = int(np.prod(in_shape))
+    bound = 1.0 / math.sqrt(fan_in)
+    a = self.variable(
+        "lora", "a",
+        nn.with_logical_partitioning(
+            lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound), in_axes + ("lora_rank",)),
+        self.make_rng("params"), in_shape + (self.lora.rank,)).value
+    b = self.variable(
+        "lora", "b",
+        nn.with_logical_partitioning(lambda s: jnp.zeros(s, jnp.float32), ("lora_rank",) + out_axes),
+        (self.lora.rank,) + out_shape).value
+    delta = einsum(b_eqn, einsum(a_eqn, x, a, cdt), b, cdt)
+    return y + self.lora.scale * delta
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  lora: LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxS, q_slots_T, kv):
+    """`kv` is None (keys are this call's tokens) or (k_cache, v_cache, end)."""
+    cfg = self.cfg
+    cdt = dtype_of(cfg.compute_dtype)
+    inv_freq = rope_inv_freq(cfg)
+    q_BxTxNxH = apply_rope(Projection("q", cfg, self.lora, name="q")(x_BxTxD), positions_BxT, inv_freq)
+    k_BxTxKxH = apply_rope(Projection("k", cfg, self.lora, name="k")(x_BxTxD), positions_BxT, inv_freq)
+    v_BxTxKxH = Projection("v", cfg, self.lora, name="v")(x_BxTxD)
+    if kv is None:
+      k_BxSxKxH, v_BxSxKxH = k_BxTxKxH.astype(cdt), v_BxTxKxH.astype(cdt)
+      new_kv = None
+    else:
+      k_cache, v_cache, end = kv
+      k_BxSxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), (0, end, 0, 0))
+      v_BxSxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), (0, end, 0, 0))
+      new_kv = (k_BxSxKxH, v_BxSxKxH)
+    b, t = x_BxTxD.shape[:2]
+    q = q_BxTxNxH.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
+    scores_BxKxGxTxS = einsum("BTKGH,BSKH->BKGTS", q, k_BxSxKxH, cdt) * (cfg.head_dim ** -0.5)
+    k_slots_S = jnp.arange(k_BxSxKxH.shape[1])
+    allowed_TxS = k_slots_S[None, :] <= q_slots_T[:, None]
+    if cfg.sliding_window is not None:
+      allowed_TxS &= (q_slots_T[:, None] - k_slots_S[None, :]) < cfg.sliding_window
+    allowed = allowed_TxS[None, None, None] & mask_BxS[:, None, None, None, :]
+    scores_BxKxGxTxS = jnp.where(allowed, scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1)
+    out_BxTxKxGxH = einsum("BKGTS,BSKH->BTKGH", probs, v_BxSxKxH, cdt)
+    out_BxTxNxH = out_BxTxKxGxH.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    return Projection("o", cfg, self.lora, name="o")(out_BxTxNxH), new_kv
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+  lora: LoraConfig | None = None
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    gate = Projection("gate", self.cfg, self.lora, name="gate")(x_BxTxD)
+    up = Projection("up", self.cfg, self.lora, name="up")(x_BxTxD)
+    return Projection("down", self.cfg, self.lora, name="down")(jax.nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+  lora: LoraConfig | None = None
+  # Optional residual branch beside the MLP (the MoME layer): a module factory.
+  branch: Callable[[], nn.Module] | None = None
+
+  @nn.compact
+  def __call__(self, h_BxTxD, positions_BxT, mask_BxS, q_slots_T, kv):
+    attn_out, new_kv = Attention(self.cfg, self.lora, name="attn")(
+        RMSNorm(self.cfg, name="input_norm")(h_BxTxD), positions_BxT, mask_BxS, q_slots_T, kv)
+    h_BxTxD = h_BxTxD + attn_out
+    normed = RMSNorm(self.cfg, name="post_attn_norm")(h_BxTxD)
+    h_BxTxD = h_BxTxD + MLP(self.cfg, self.lora, name="mlp")(normed)
+    if self.branch is not None:
+      h_BxTxD = h_BxTxD + self.branch()(normed)
+    return h_BxTxD, new_kv
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM. Returns float32 logits [B, T, V] and the updated cache.
+
+  `branches` maps a layer index to a module factory added as a residual branch
+  beside that layer's MLP (used by the MoME layer).
+  """
+
+  cfg: ModelConfig
+  lora: LoraConfig | None = None
+  branches: tuple[tuple[int, Callable[[], nn.Module]], ...] = ()
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
+               mask_BxT: jax.Array | None = None, cache: KVCache | None = None,
+               return_hidden: bool = False):
+    cfg = self.cfg
+    b, t = tokens_BxT.shape
+    if mask_BxT is None:
+      mask_BxT = jnp.ones((b, t), bool)
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
+    embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.hidden_size), dtype_of(cfg.param_dtype))
+    h_BxTxD = jnp.take(embedding, tokens_BxT, axis=0).astype(jnp.float32)
+    if cache is None:
+      q_slots_T = jnp.arange(t)
+      mask_BxS = mask_BxT
+    else:
+      q_slots_T = cache.end + jnp.arange(t)
+      mask_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, mask_BxT, (0, cache.end))
+    branches = dict(self.branches)
+    new_k, new_v = [], []
+    for i in range(cfg.num_layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i], cache.end)
+      h_BxTxD, layer_kv = Block(cfg, self.lora, branches.get(i), name=f"layers_{i}")(
+          h_BxTxD, positions_BxT, mask_BxS, q_slots_T, kv)
+      if layer_kv is not None:
+        new_k.append(layer_kv[0])
+        new_v.append(layer_kv[1])
+    h_BxTxD = RMSNorm(cfg, name="final_norm")(h_BxTxD)
+    if cfg.tie_word_embeddings:
+      logits = einsum("BTD,VD->BTV", h_BxTxD, embedding, dtype_of(cfg.compute_dtype))
+    else:
+      lm_head = self.param(
+          "lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+          (cfg.hidden_size, cfg.vocab_size), dtype_of(cfg.param_dtype))
+      logits = einsum("BTD,DV->BTV", h_BxTxD, lm_head, dtype_of(cfg.compute_dtype))
+    new_cache = None if cache is None else KVCache(
+        k=tuple(new_k), v=tuple(new_v), valid_BxS=mask_BxS, end=cache.end + t)
+    if return_hidden:
+      return logits, new_cache, h_BxTxD
+    return logits, new_cache
+
+
+def init_variables(model: Transformer, key: jax.Array, batch: int = 1, length: int = 8) -> dict[str, Any]:
+  """Initialised variables with the logical-axis boxes removed."""
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  return nn.meta.unbox(model.init({"params": key}, tokens))
+
+
+def abstract_variables(model: Transformer) -> Any:
+  """Shapes, dtypes and logical axis boxes of every variable, without allocating."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda k: model.init({"params": k}, tokens), jax.random.key(0))
+
+
+def logical_axes(model: Transformer) -> Any:
+  """A tree of PartitionSpecs of logical axis names, matching the variables."""
+  return nn.get_partition_spec(abstract_variables(model))
+
+
+def merge_lora(params: dict, lora_vars: dict, lora: LoraConfig) -> dict:
+  """Folds the adapters into the backbone kernels: a plain Llama/Mistral tree."""
+  params = jax.tree.map(lambda x: x, params)  # shallow copy of the structure
+  for layer, modules in lora_vars.items():
+    for module, projs in modules.items():
+      for proj, ab in projs.items():
+        eqn = PROJECTIONS[proj][0]
+        kernel = params[layer][module][proj]["kernel"]
+        params[layer][module][proj]["kernel"] = merged_kernel(kernel, ab["a"], ab["b"], eqn, lora.scale)
+  return params
+
+
+def module_of(proj: str) -> str:
+  return _MODULE_OF[proj]
