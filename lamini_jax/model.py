@@ -54,7 +54,7 @@ class KVCache:
   `end` is the next free slot (shared by all rows: prompts are left-padded).
   """
 
-  k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+  k: tuple[jax.Array, ...]  # per layer [B, K, S, H]
   v: tuple[jax.Array, ...]
   valid_BxS: jax.Array
   end: jax.Array  # int32 scalar
@@ -62,7 +62,7 @@ class KVCache:
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, slots: int) -> "KVCache":
     dt = dtype_of(cfg.compute_dtype)
-    shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
     zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
     return cls(k=zeros, v=zeros, valid_BxS=jnp.zeros((batch, slots), bool),
                end=jnp.zeros((), jnp.int32))
@@ -137,15 +137,13 @@ class Projection(nn.Module):
     in_axes, out_axes = axes[:n_in], axes[n_in:]
     fan_in = int(np.prod(in_shape))
     bound = 1.0 / math.sqrt(fan_in)
-    a = self.variable(
-        "lora", "a",
-        nn.with_logical_partitioning(
-            lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound), in_axes + ("lora_rank",)),
-        self.make_rng("params"), in_shape + (self.lora.rank,)).value
-    b = self.variable(
-        "lora", "b",
-        nn.with_logical_partitioning(lambda s: jnp.zeros(s, jnp.float32), ("lora_rank",) + out_axes),
-        (self.lora.rank,) + out_shape).value
+    a_init = nn.with_logical_partitioning(
+        lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound), in_axes + ("lora_rank",))
+    b_init = nn.with_logical_partitioning(lambda s: jnp.zeros(s, jnp.float32), ("lora_rank",) + out_axes)
+    # The init functions run only when the variables are created (make_rng is init-only).
+    a = self.variable("lora", "a", lambda: a_init(self.make_rng("params"),
+                                                  in_shape + (self.lora.rank,))).value
+    b = self.variable("lora", "b", lambda: b_init((self.lora.rank,) + out_shape)).value
     delta = einsum(b_eqn, einsum(a_eqn, x, a, cdt), b, cdt)
     return y + self.lora.scale * delta
 
@@ -163,26 +161,33 @@ class Attention(nn.Module):
     q_BxTxNxH = apply_rope(Projection("q", cfg, self.lora, name="q")(x_BxTxD), positions_BxT, inv_freq)
     k_BxTxKxH = apply_rope(Projection("k", cfg, self.lora, name="k")(x_BxTxD), positions_BxT, inv_freq)
     v_BxTxKxH = Projection("v", cfg, self.lora, name="v")(x_BxTxD)
+    b, t = x_BxTxD.shape[:2]
+    # Heads-major layouts ([B, K, ., H]) keep the batched matmuls contiguous; XLA on
+    # CPU is several times slower on the token-major layout for small head_dim.
+    k_BxKxTxH = jnp.swapaxes(k_BxTxKxH, 1, 2).astype(cdt)
+    v_BxKxTxH = jnp.swapaxes(v_BxTxKxH, 1, 2).astype(cdt)
     if kv is None:
-      k_BxSxKxH, v_BxSxKxH = k_BxTxKxH.astype(cdt), v_BxTxKxH.astype(cdt)
-      new_kv = None
+      k_BxKxSxH, v_BxKxSxH, new_kv = k_BxKxTxH, v_BxKxTxH, None
     else:
       k_cache, v_cache, end = kv
-      k_BxSxKxH = jax.lax.dynamic_update_slice(k_cache, k_BxTxKxH.astype(k_cache.dtype), (0, end, 0, 0))
-      v_BxSxKxH = jax.lax.dynamic_update_slice(v_cache, v_BxTxKxH.astype(v_cache.dtype), (0, end, 0, 0))
-      new_kv = (k_BxSxKxH, v_BxSxKxH)
-    b, t = x_BxTxD.shape[:2]
-    q = q_BxTxNxH.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
-    scores_BxKxGxTxS = einsum("BTKGH,BSKH->BKGTS", q, k_BxSxKxH, cdt) * (cfg.head_dim ** -0.5)
-    k_slots_S = jnp.arange(k_BxSxKxH.shape[1])
+      k_BxKxSxH = jax.lax.dynamic_update_slice(k_cache, k_BxKxTxH.astype(k_cache.dtype), (0, 0, end, 0))
+      v_BxKxSxH = jax.lax.dynamic_update_slice(v_cache, v_BxKxTxH.astype(v_cache.dtype), (0, 0, end, 0))
+      new_kv = (k_BxKxSxH, v_BxKxSxH)
+    # Query rows are (group, position) pairs: [B, K, G*T, H].
+    q_BxKxGTxH = q_BxTxNxH.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
+    q_BxKxGTxH = q_BxKxGTxH.transpose(0, 2, 3, 1, 4).reshape(b, cfg.num_kv_heads, -1, cfg.head_dim)
+    scores_BxKxGTxS = einsum("BKQH,BKSH->BKQS", q_BxKxGTxH, k_BxKxSxH, cdt) * (cfg.head_dim ** -0.5)
+    k_slots_S = jnp.arange(k_BxKxSxH.shape[2])
     allowed_TxS = k_slots_S[None, :] <= q_slots_T[:, None]
     if cfg.sliding_window is not None:
       allowed_TxS &= (q_slots_T[:, None] - k_slots_S[None, :]) < cfg.sliding_window
-    allowed = allowed_TxS[None, None, None] & mask_BxS[:, None, None, None, :]
-    scores_BxKxGxTxS = jnp.where(allowed, scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1)
-    out_BxTxKxGxH = einsum("BKGTS,BSKH->BTKGH", probs, v_BxSxKxH, cdt)
-    out_BxTxNxH = out_BxTxKxGxH.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    allowed_GTxS = jnp.tile(allowed_TxS, (cfg.num_groups, 1))
+    allowed = allowed_GTxS[None, None] & mask_BxS[:, None, None, :]
+    scores_BxKxGTxS = jnp.where(allowed, scores_BxKxGTxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores_BxKxGTxS, axis=-1)
+    out_BxKxGTxH = einsum("BKQS,BKSH->BKQH", probs, v_BxKxSxH, cdt)
+    out_BxTxNxH = out_BxKxGTxH.reshape(b, cfg.num_kv_heads, cfg.num_groups, t, cfg.head_dim)
+    out_BxTxNxH = out_BxTxNxH.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, cfg.head_dim)
     return Projection("o", cfg, self.lora, name="o")(out_BxTxNxH), new_kv
 
 

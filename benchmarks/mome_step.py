@@ -1,0 +1,180 @@
+"""Step time of a MoME memory-tuning step versus the number of experts N.
+
+Everything but N is fixed (T tokens, D, R, K slots). Columns:
+  routed: route a fixed batch with the frozen router, gather the unique
+          selected rows, forward, MSE loss, row gradients, per-row Adafactor,
+          in-place write-back (lamini_jax.mome.row_grads + sparse_step);
+  step:   the same with the routing precomputed (frozen router, fixed batch);
+  dense:  route, gradient of the whole [N, ...] table, Adafactor on all N rows
+          (lamini_jax.mome.dense_step), for comparison.
+Sparse variants of all sizes are timed round-robin, so background load hits
+every size alike; each figure is the median of the timed steps after warm-up.
+
+  python -m benchmarks.mome_step [--sizes 10,14,17,20] [--reps 10] [--rank 1]
+"""
+
+import argparse
+import dataclasses
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lamini_jax import mome
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  log2_sizes: tuple[int, ...] = (10, 14, 17, 20)
+  tokens: int = 1024  # T
+  embed_dim: int = 64  # D
+  expert_rank: int = 1  # R
+  num_heads: int = 4  # H
+  top_k: int = 8  # K = H * top_k = 32 slots per token
+  key_dim: int = 32
+  warmup: int = 2
+  reps: int = 10
+  dense_max_log2: int = 20  # dense steps above this N are skipped
+  dense_reps: int = 3
+  learning_rate: float = 1e-2
+
+  def __post_init__(self):
+    for field in ("tokens", "embed_dim", "expert_rank", "num_heads", "top_k", "key_dim", "reps",
+                  "dense_reps"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"BenchConfig.{field}={getattr(self, field)} must be >= 1")
+    if not self.log2_sizes or min(self.log2_sizes) < 4:
+      raise ValueError(f"BenchConfig.log2_sizes={self.log2_sizes} must be non-empty, each >= 4")
+
+  def mome_config(self, log2_n: int) -> mome.MomeConfig:
+    return mome.MomeConfig(
+        num_experts=2**log2_n, embed_dim=self.embed_dim, expert_rank=self.expert_rank,
+        num_heads=self.num_heads, key_dim=self.key_dim, top_k=self.top_k, activation="gelu")
+
+
+def _loss(rows, idx_TxK, w_TxK, x_TxD, target_TxD, cfg):
+  y_TxD = mome.apply_experts(x_TxD, idx_TxK, w_TxK, rows, cfg)
+  return jnp.mean((y_TxD - target_TxD) ** 2)
+
+
+def sparse_tuning_step(table, opt_state, idx_TxK, w_TxK, x_TxD, target_TxD, *, cfg, tx):
+  """Memory-tuning step on routed tokens: unique rows, row gradients, row update."""
+  loss_fn = functools.partial(_loss, cfg=cfg)
+  loss, grads_rows, uniq_U = mome.row_grads(loss_fn, table, idx_TxK, w_TxK, x_TxD, target_TxD)
+  table, opt_state = mome.sparse_step(table, opt_state, grads_rows, uniq_U, tx=tx)
+  return table, opt_state, loss
+
+
+def routed_sparse_step(table, opt_state, router, x_TxD, target_TxD, *, cfg, tx):
+  idx_TxK, w_TxK = mome.route(router, x_TxD, cfg)
+  return sparse_tuning_step(table, opt_state, idx_TxK, w_TxK, x_TxD, target_TxD, cfg=cfg, tx=tx)
+
+
+def routed_dense_step(table, opt_state, router, x_TxD, target_TxD, *, cfg, tx):
+  idx_TxK, w_TxK = mome.route(router, x_TxD, cfg)
+  loss, grads = jax.value_and_grad(_loss)(table, idx_TxK, w_TxK, x_TxD, target_TxD, cfg)
+  table, opt_state = mome.dense_step(table, opt_state, grads, tx=tx)
+  return table, opt_state, loss
+
+
+class _Runner:
+  """One step variant at one N: owns its (donated) table and optimizer state."""
+
+  def __init__(self, fn, cfg, tx, args, key):
+    self.step = jax.jit(functools.partial(fn, cfg=cfg, tx=tx), donate_argnames=("table", "opt_state"))
+    self.table = mome.init_table(key, cfg)
+    self.opt_state = mome.init_expert_opt_state(self.table, tx)
+    self.args = args
+    self.times = []
+
+  def __call__(self, timed: bool) -> None:
+    start = time.perf_counter()
+    self.table, self.opt_state, loss = self.step(self.table, self.opt_state, *self.args)
+    jax.block_until_ready((self.table, self.opt_state, loss))
+    if timed:
+      self.times.append(time.perf_counter() - start)
+
+
+def run(bench: BenchConfig) -> list[dict]:
+  """Median step seconds per N; sparse variants interleaved round-robin over N."""
+  tx = optax.adafactor(bench.learning_rate)
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  x_TxD = jax.random.normal(keys[0], (bench.tokens, bench.embed_dim))
+  target_TxD = jax.random.normal(keys[1], (bench.tokens, bench.embed_dim))
+  sparse = {}
+  for log2_n in bench.log2_sizes:
+    cfg = bench.mome_config(log2_n)
+    router = mome.init_router(keys[2], cfg)
+    idx_TxK, w_TxK = jax.jit(functools.partial(mome.route, cfg=cfg))(router, x_TxD)
+    sparse[log2_n] = {
+        "routed": _Runner(routed_sparse_step, cfg, tx, (router, x_TxD, target_TxD), keys[3]),
+        "step": _Runner(sparse_tuning_step, cfg, tx, (idx_TxK, w_TxK, x_TxD, target_TxD), keys[3]),
+    }
+  for i in range(bench.warmup + bench.reps):
+    for runners in sparse.values():
+      for runner in runners.values():
+        runner(timed=i >= bench.warmup)
+  results = [{"log2_n": n, **{name: statistics.median(r.times) for name, r in runners.items()}}
+             for n, runners in sparse.items()]
+  del sparse
+  for row in results:
+    row["dense"] = None
+    if row["log2_n"] <= bench.dense_max_log2:
+      cfg = bench.mome_config(row["log2_n"])
+      runner = _Runner(routed_dense_step, cfg, tx, (mome.init_router(keys[2], cfg), x_TxD, target_TxD),
+                       keys[3])
+      for i in range(bench.warmup + bench.dense_reps):
+        runner(timed=i >= bench.warmup)
+      row["dense"] = statistics.median(runner.times)
+      del runner
+  return results
+
+
+def format_table(bench: BenchConfig, results: list[dict]) -> str:
+  first = results[0]
+  lines = [
+      f"MoME memory-tuning step: T={bench.tokens} tokens, D={bench.embed_dim}, R={bench.expert_rank},"
+      f" K={bench.num_heads}x{bench.top_k} slots, key_dim={bench.key_dim}, optax.adafactor per row;"
+      f" {jax.devices()[0].platform} x{jax.device_count()}",
+      f"median of {bench.reps} sparse steps (sizes interleaved) / {bench.dense_reps} dense steps,"
+      f" after {bench.warmup} warm-up; times in ms",
+      "  routed = route + gather + forward + row grads + row Adafactor + scatter (in place)",
+      "  step   = the same with routing precomputed (frozen router, fixed batch)",
+      "  dense  = route + forward + dense [N,...] grads + Adafactor on all N rows",
+      f"{'N':>9} {'routed':>8} {'x first':>8} {'step':>8} {'x first':>8} {'dense':>9} {'dense/routed':>13}",
+  ]
+  for r in results:
+    dense = "skipped" if r["dense"] is None else f"{1e3 * r['dense']:.1f}"
+    ratio = "-" if r["dense"] is None else f"{r['dense'] / r['routed']:.1f}x"
+    lines.append(
+        f"{2 ** r['log2_n']:>9} {1e3 * r['routed']:>8.1f} {r['routed'] / first['routed']:>7.2f}x"
+        f" {1e3 * r['step']:>8.1f} {r['step'] / first['step']:>7.2f}x {dense:>9} {ratio:>13}")
+  skipped = [2**r["log2_n"] for r in results if r["dense"] is None]
+  if skipped:
+    lines.append(f"dense skipped at N={skipped}: above --dense-max-log2={bench.dense_max_log2}")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  defaults = BenchConfig()
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", default=",".join(map(str, defaults.log2_sizes)),
+                      help="comma-separated log2 N")
+  parser.add_argument("--reps", type=int, default=defaults.reps)
+  parser.add_argument("--dense-reps", type=int, default=defaults.dense_reps)
+  parser.add_argument("--dense-max-log2", type=int, default=defaults.dense_max_log2)
+  parser.add_argument("--tokens", type=int, default=defaults.tokens)
+  parser.add_argument("--rank", type=int, default=defaults.expert_rank)
+  args = parser.parse_args()
+  bench = BenchConfig(
+      log2_sizes=tuple(int(s) for s in args.sizes.split(",")), reps=args.reps,
+      dense_reps=args.dense_reps, dense_max_log2=args.dense_max_log2, tokens=args.tokens,
+      expert_rank=args.rank)
+  print(format_table(bench, run(bench)))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,54 @@
+"""Orbax checkpoints of a training run: trainable state, optimizer state, data position, RNG.
+
+One directory per run; each saved step holds the state pytree (`StandardSave`) and a
+small JSON record of where the data loop was (`JsonSave`). Saves are atomic (Orbax
+writes to a temporary directory and renames it), so a run killed at any moment
+resumes from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves every `every` steps, keeps the newest `keep`; restores the latest."""
+
+  def __init__(self, directory: os.PathLike, every: int, keep: int = 2):
+    if every < 0:
+      raise ValueError(f"checkpoint_every must be >= 0 (0 = never), got {every}")
+    self.directory = pathlib.Path(directory).resolve()
+    self.every = every
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=False))
+
+  def due(self, step: int) -> bool:
+    return self.every > 0 and step % self.every == 0
+
+  def save(self, step: int, state: Any, position: dict[str, Any]) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(position)), force=True)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def restore(self, like_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
+    """(state, position) of `step` (default latest), or None when there is none."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()))
+    return out.state, dict(out.position)
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,280 @@
+"""Evaluation: fact loss and exact-match recall, TruthfulQA MC1/MC2, MMLU, perplexity.
+
+Everything is scored by one jitted function that returns each row's summed
+log-likelihood over its masked target tokens, on fixed-shape batches.
+
+    python -m lamini_jax.evaluate --model ../shared/models/stories260K-hf \
+        --truthfulqa 100 --mmlu 200 --ppl-windows 32 [--facts facts.jsonl] [--run RUN --adapter random]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import sys
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lamini_jax import data as data_lib
+from lamini_jax import generate as gen
+from lamini_jax.model import Transformer
+from lamini_jax.train import token_nll
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _row_nll(model: Transformer, variables: Any, tokens_BxT: jax.Array, mask_BxT: jax.Array):
+  logits, _ = model.apply(variables, tokens_BxT)
+  _, row_sum, row_count = token_nll(logits, tokens_BxT, mask_BxT)
+  return row_sum, row_count
+
+
+def _bucket(n: int, multiple: int = 32) -> int:
+  return -(-n // multiple) * multiple
+
+
+def score(model: Transformer, variables: Any, encoded: Sequence[data_lib.EncodedFact],
+          batch_size: int = 32, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(summed log-likelihood of the masked tokens, their count) of every sequence."""
+  if not encoded:
+    return np.zeros(0), np.zeros(0)
+  longest = max(len(e.tokens) for e in encoded)
+  if longest > model.cfg.max_position_embeddings:
+    raise ValueError(f"a scored sequence has {longest} tokens, more than the model's context of "
+                     f"{model.cfg.max_position_embeddings}")
+  seq_len = min(_bucket(longest), model.cfg.max_position_embeddings)
+  tokens_NxT, mask_NxT = data_lib.stack_encoded(encoded, seq_len, pad_id)
+  n = len(encoded)
+  total = -(-n // batch_size) * batch_size
+  tokens_NxT = np.pad(tokens_NxT, ((0, total - n), (0, 0)), constant_values=pad_id)
+  mask_NxT = np.pad(mask_NxT, ((0, total - n), (0, 0)))
+  sums, counts = [], []
+  for start in range(0, total, batch_size):
+    row_sum, row_count = _row_nll(model, variables, jnp.asarray(tokens_NxT[start:start + batch_size]),
+                                  jnp.asarray(mask_NxT[start:start + batch_size]))
+    sums.append(row_sum)
+    counts.append(row_count)
+  return -np.concatenate([np.asarray(s) for s in sums])[:n], np.concatenate(
+      [np.asarray(c) for c in counts])[:n]
+
+
+def fact_losses(model, variables, encoded, batch_size=32, pad_id=0) -> np.ndarray:
+  """Mean next-token NLL of each fact's answer and EOS (the training loss per fact)."""
+  ll, count = score(model, variables, encoded, batch_size, pad_id)
+  return -ll / np.maximum(count, 1)
+
+
+@dataclasses.dataclass
+class Recall:
+  exact: np.ndarray  # bool per fact: greedy decoding reproduces the answer and stops
+  answers: list[str]  # what the model generated for each question
+
+  @property
+  def rate(self) -> float:
+    return float(np.mean(self.exact)) if len(self.exact) else float("nan")
+
+
+def recall(model: Transformer, variables: Any, tokenizer, facts: Sequence[data_lib.Fact],
+           template: data_lib.PromptTemplate, batch_size: int = 64) -> Recall:
+  """Exact-match recall by greedy decoding (the hallucination rate is 1 - recall).
+
+  A fact counts as recalled when the generated text, up to the end-of-sequence
+  token, equals the trained answer character for character (surrounding white
+  space aside): the model must produce the answer and then stop.
+  """
+  prompts = [data_lib.encode_prompt(tokenizer, template, f.question).tolist() for f in facts]
+  answer_lens = [len(tokenizer(f.answer, add_special_tokens=False).input_ids) for f in facts]
+  sampling = gen.SamplingConfig(max_new_tokens=max(answer_lens) + 2)
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  answers: list[str] = []
+  for start in range(0, len(prompts), batch_size):
+    for new in gen.generate(model, variables, prompts[start:start + batch_size], sampling, pad):
+      answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+  exact = np.array([a == f.answer.strip() for a, f in zip(answers, facts)], bool)
+  return Recall(exact, answers)
+
+
+def generate_answers(model, variables, tokenizer, questions: Sequence[str],
+                     template: data_lib.PromptTemplate, max_new_tokens: int = 48,
+                     batch_size: int = 64) -> list[str]:
+  """Greedy answers to questions (for Table 1), cut at end-of-sequence or a newline."""
+  prompts = [data_lib.encode_prompt(tokenizer, template, q).tolist() for q in questions]
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    for new in gen.generate(model, variables, prompts[start:start + batch_size],
+                            gen.SamplingConfig(max_new_tokens=max_new_tokens), pad):
+      out.append(tokenizer.decode(new, skip_special_tokens=True).strip().split("\n")[0])
+  return out
+
+
+def truthfulqa_mc(model, variables, tokenizer, items: Sequence[data_lib.TruthfulQAItem],
+                  template: data_lib.PromptTemplate, batch_size: int = 32) -> dict[str, float]:
+  """MC1, MC2 and answer loss from answer log-likelihoods.
+
+  MC1: the best answer has the highest log-likelihood among it and the incorrect
+  answers. MC2: the normalised probability mass of the correct answers among all
+  correct and incorrect ones. Answer loss: per-token NLL of the best answer and EOS.
+  (The CSV's answer lists stand in for the hub's `mc1_targets` / `mc2_targets`.)
+  """
+  encoded, spans = [], []
+  for item in items:
+    choices = list(item.correct_answers) + list(item.incorrect_answers)
+    start = len(encoded)
+    encoded.extend(data_lib.encode_choices(tokenizer, template, item.question, choices))
+    spans.append((start, len(item.correct_answers), len(choices)))
+  ll, _ = score(model, variables, encoded, batch_size)
+  mc1, mc2 = [], []
+  for item, (start, n_true, n_all) in zip(items, spans):
+    lls = ll[start:start + n_all]
+    best = item.correct_answers.index(item.best_answer)
+    mc1.append(lls[best] > np.max(lls[n_true:]))
+    p = np.exp(lls - np.max(lls))
+    mc2.append(p[:n_true].sum() / p.sum())
+  facts = [data_lib.Fact(i.question, i.best_answer, f"heldout-{k}") for k, i in enumerate(items)]
+  enc = data_lib.encode_facts(tokenizer, template, facts, model.cfg.max_position_embeddings)
+  return {"mc1": float(np.mean(mc1)), "mc2": float(np.mean(mc2)),
+          "answer_loss": float(np.mean(fact_losses(model, variables, enc, batch_size)))}
+
+
+def mmlu_accuracy(model, variables, tokenizer, dev: Sequence[data_lib.MMLUItem],
+                  items: Sequence[data_lib.MMLUItem], k: int, batch_size: int = 32) -> dict[str, float]:
+  """k-shot accuracy from the log-likelihood of the answer letters A-D.
+
+  Items whose prompt does not fit the model's context are skipped and counted.
+  """
+  plain = data_lib.PromptTemplate("{question}")
+  encoded, kept = [], 0
+  limit = model.cfg.max_position_embeddings
+  answers = []
+  for item in items:
+    enc = data_lib.encode_choices(tokenizer, plain, data_lib.mmlu_prompt(dev, item, k),
+                                  data_lib.MMLU_LETTERS)
+    if max(len(e.tokens) for e in enc) > limit:
+      continue
+    encoded.extend(enc)
+    answers.append(item.answer)
+    kept += 1
+  if not kept:
+    return {"mmlu_acc": float("nan"), "mmlu_scored": 0, "mmlu_skipped": len(items)}
+  ll, _ = score(model, variables, encoded, batch_size)
+  pred = ll.reshape(kept, 4).argmax(axis=1)
+  return {"mmlu_acc": float(np.mean(pred == np.asarray(answers))), "mmlu_scored": kept,
+          "mmlu_skipped": len(items) - kept}
+
+
+def perplexity(model, variables, windows_WxL: np.ndarray, batch_size: int = 16) -> float:
+  """exp(mean NLL) over every token of the windows after the first."""
+  mask = np.ones_like(windows_WxL, dtype=bool)
+  mask[:, 0] = False
+  encoded = [data_lib.EncodedFact(w.astype(np.int32), m) for w, m in zip(windows_WxL, mask)]
+  ll, count = score(model, variables, encoded, batch_size)
+  return float(math.exp(-ll.sum() / count.sum()))
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+  """The held-out material every model of a run is evaluated on."""
+
+  truthfulqa: tuple[data_lib.TruthfulQAItem, ...]
+  mmlu_dev: tuple[data_lib.MMLUItem, ...]
+  mmlu: tuple[data_lib.MMLUItem, ...]
+  mmlu_k: int
+  ppl_windows: np.ndarray
+  template: data_lib.PromptTemplate
+
+
+def heldout_metrics(model, variables, tokenizer, heldout: HeldOut) -> dict[str, float]:
+  out: dict[str, float] = {}
+  if heldout.truthfulqa:
+    out.update(truthfulqa_mc(model, variables, tokenizer, heldout.truthfulqa, heldout.template))
+  if heldout.mmlu:
+    out.update(mmlu_accuracy(model, variables, tokenizer, heldout.mmlu_dev, heldout.mmlu, heldout.mmlu_k))
+  if len(heldout.ppl_windows):
+    out["perplexity"] = perplexity(model, variables, heldout.ppl_windows)
+  return out
+
+
+def load_heldout(tokenizer, data_dir, truthfulqa_items: Sequence[data_lib.TruthfulQAItem],
+                 mmlu_questions: int, mmlu_k: int, ppl_windows: int, ppl_seq_len: int,
+                 template: data_lib.PromptTemplate, seed: int,
+                 corpus: str = "corpus/wikitext-2-test.txt",
+                 exclude_mmlu: Sequence[data_lib.MMLUItem] = ()) -> HeldOut:
+  """Held-out TruthfulQA items (given), a seeded MMLU sample and corpus windows.
+
+  `exclude_mmlu` (e.g. MMLU questions that were trained as facts) never enter the sample.
+  """
+  dev, sample = (), ()
+  if mmlu_questions:
+    dev = tuple(data_lib.load_mmlu(data_dir, split="dev"))
+    excluded = set(exclude_mmlu)
+    test = [item for item in data_lib.load_mmlu(data_dir, split="test") if item not in excluded]
+    pick = np.random.default_rng([4, seed]).choice(len(test), size=min(mmlu_questions, len(test)),
+                                                   replace=False)
+    sample = tuple(test[i] for i in sorted(pick))
+  windows = np.zeros((0, ppl_seq_len + 1), np.int32)
+  if ppl_windows:
+    root = data_lib.resolve_data_dir(data_dir)
+    path = pathlib.Path(corpus) if pathlib.Path(corpus).is_absolute() or root is None else root / corpus
+    if not path.is_file():
+      raise FileNotFoundError(f"perplexity corpus {path} not found (set eval.corpus to a text file)")
+    windows = data_lib.corpus_windows(tokenizer, path, ppl_seq_len, ppl_windows)
+  return HeldOut(tuple(truthfulqa_items), dev, sample, mmlu_k, windows, template)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from lamini_jax import hf  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog="python -m lamini_jax.evaluate",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--model", required=True, help="Hugging Face directory or hub id")
+  parser.add_argument("--run", type=pathlib.Path, help="a run directory of experiments.randomization")
+  parser.add_argument("--adapter", help="which trained adapter of --run to load (e.g. real, random)")
+  parser.add_argument("--facts", type=pathlib.Path, help="JSONL/CSV of question/answer facts: loss and recall")
+  parser.add_argument("--truthfulqa", type=int, default=0, help="held-out TruthfulQA questions (MC1/MC2)")
+  parser.add_argument("--mmlu", type=int, default=0, help="MMLU test questions (seeded sample)")
+  parser.add_argument("--mmlu-k", type=int, default=0)
+  parser.add_argument("--ppl-windows", type=int, default=0)
+  parser.add_argument("--ppl-seq-len", type=int, default=128)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--data-dir")
+  parser.add_argument("--template", default=data_lib.PromptTemplate().prompt)
+  parser.add_argument("--json", type=pathlib.Path, help="also write the metrics here")
+  args = parser.parse_args(argv)
+  try:
+    cfg, params, model_dir = hf.load_pretrained(args.model)
+    tokenizer = hf.load_tokenizer(model_dir)
+    model, variables = Transformer(cfg), {"params": params}
+    if args.run is not None:
+      from lamini_jax import memory_tuning  # pylint: disable=g-import-not-at-top
+      model, variables = memory_tuning.load_adapter(args.run, args.adapter, cfg, params)
+    template = data_lib.PromptTemplate(args.template.replace("\\n", "\n"))
+    tqa = data_lib.load_truthfulqa(args.data_dir)[:0]
+    if args.truthfulqa:
+      items = data_lib.load_truthfulqa(args.data_dir)
+      _, tqa = data_lib.split_items(items, 0, args.truthfulqa, args.seed)
+    heldout = load_heldout(tokenizer, args.data_dir, tqa, args.mmlu, args.mmlu_k, args.ppl_windows,
+                           args.ppl_seq_len, template, args.seed)
+    metrics = heldout_metrics(model, variables, tokenizer, heldout)
+    if args.facts is not None:
+      facts = data_lib.load_facts_file(args.facts)
+      enc = data_lib.encode_facts(tokenizer, template, facts, cfg.max_position_embeddings)
+      metrics["fact_loss"] = float(np.mean(fact_losses(model, variables, enc)))
+      metrics["recall"] = recall(model, variables, tokenizer, facts, template).rate
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for name, value in metrics.items():
+    print(f"{name:>14}: {value:.4f}" if isinstance(value, float) else f"{name:>14}: {value}")
+  if args.json is not None:
+    args.json.write_text(json.dumps(metrics, indent=2) + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,260 @@
+"""Memory tuning: the pure train step and the host loop around it.
+
+The step is one pure function `(state, frozen, tokens, mask) -> (state, metrics)`,
+jitted once with the state donated; the frozen backbone is an argument that is
+never differentiated and never updated. The host loop dispatches step t before it
+reads the metrics of step t-1, keeps each fact's loss of the current epoch, writes
+one JSON line per epoch, checkpoints every N steps and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lamini_jax import data as data_lib
+from lamini_jax.checkpoint import Checkpointer
+from lamini_jax.model import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Optax Adafactor (the paper's optimizer) or Adam, with a constant learning rate.
+
+  `multiply_by_parameter_scale` is Adafactor's relative step size: updates are scaled
+  by each parameter's RMS (at least `1e-3`). LoRA's B starts at zero, so with it on,
+  B's first updates are 1000x smaller than the learning rate.
+  """
+
+  name: str = "adafactor"
+  learning_rate: float = 2e-4
+  multiply_by_parameter_scale: bool = True
+  clipping_threshold: float | None = 1.0
+  decay_rate: float = 0.8
+  warmup_steps: int = 0
+
+  def __post_init__(self):
+    if self.name not in ("adafactor", "adam"):
+      raise ValueError(f"optimizer.name must be 'adafactor' or 'adam', got {self.name!r}")
+    if not self.learning_rate > 0:
+      raise ValueError(f"optimizer.learning_rate must be positive, got {self.learning_rate}")
+    if self.warmup_steps < 0:
+      raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+  def build(self) -> optax.GradientTransformation:
+    lr: Any = self.learning_rate
+    if self.warmup_steps:
+      lr = optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps)
+    if self.name == "adam":
+      return optax.adam(lr)
+    return optax.adafactor(lr, multiply_by_parameter_scale=self.multiply_by_parameter_scale,
+                           clipping_threshold=self.clipping_threshold, decay_rate=self.decay_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How long and how to train. `stop_loss`: stop once every fact's loss is below it."""
+
+  epochs: int = 100
+  batch_size: int = 32
+  seq_len: int = 128
+  seed: int = 0
+  stop_loss: float | None = None
+  checkpoint_every: int = 0
+  optimizer: OptimizerConfig = OptimizerConfig()
+
+  def __post_init__(self):
+    for name in ("epochs", "batch_size", "seq_len"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+    if self.stop_loss is not None and self.stop_loss <= 0:
+      raise ValueError(f"train.stop_loss must be positive or null, got {self.stop_loss}")
+    if self.checkpoint_every < 0:
+      raise ValueError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  trainable: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
+
+
+def token_nll(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, mask_BxT: jax.Array):
+  """Next-token NLL: (mean over masked targets, per-row sum, per-row count).
+
+  `mask_BxT[t]` marks token t as a target, predicted from position t-1.
+  """
+  logp = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
+  nll_BxT = -jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+  mask = mask_BxT[:, 1:].astype(jnp.float32)
+  row_sum_B = jnp.sum(nll_BxT * mask, axis=1)
+  row_count_B = jnp.sum(mask, axis=1)
+  return jnp.sum(row_sum_B) / jnp.maximum(jnp.sum(row_count_B), 1.0), row_sum_B, row_count_B
+
+
+def init_lora_state(model: Transformer, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  """LoRA variables (B = 0) and their optimizer state, without touching the backbone."""
+  key = jax.random.key(seed)
+  abstract = jax.eval_shape(lambda k: model.init({"params": k}, jnp.zeros((1, 1), jnp.int32)), key)
+  if "lora" not in abstract:
+    raise ValueError("the model has no LoRA adapters: give Transformer(cfg, lora=LoraConfig(...))")
+  lora = jax.jit(lambda k: nn.meta.unbox(model.init({"params": k}, jnp.zeros((1, 1), jnp.int32))["lora"]))(key)
+  return TrainState(step=jnp.zeros((), jnp.int32), trainable=lora, opt_state=optimizer.init(lora),
+                    rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+
+def make_lora_step(model: Transformer, optimizer: optax.GradientTransformation) -> Callable:
+  """The jitted LoRA step; only the `"lora"` collection is differentiated and updated."""
+
+  def loss_fn(lora, frozen, tokens_BxT, mask_BxT):
+    logits, _ = model.apply({"params": frozen, "lora": lora}, tokens_BxT)
+    loss, row_sum, row_count = token_nll(logits, tokens_BxT, mask_BxT)
+    return loss, (row_sum, row_count)
+
+  def step(state: TrainState, frozen, tokens_BxT, mask_BxT):
+    (loss, (row_sum, row_count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.trainable, frozen, tokens_BxT, mask_BxT)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+    return new_state, {"loss": loss, "row_sum": row_sum, "row_count": row_count,
+                       "grad_norm": optax.global_norm(grads)}
+
+  return jax.jit(step, donate_argnums=0)
+
+
+@dataclasses.dataclass
+class FitResult:
+  state: TrainState
+  history: list[dict[str, Any]]  # one record per epoch
+  fact_loss: np.ndarray  # last epoch's loss of every fact
+  seconds: float  # training time of this process (excludes time before a resume)
+
+
+class _Epoch:
+  """Per-fact losses of one epoch, filled from step metrics."""
+
+  def __init__(self, n: int):
+    self.total = np.zeros(n)
+    self.count = np.zeros(n)
+
+  def add(self, fact_index_B: np.ndarray, valid_B: np.ndarray, metrics: dict[str, Any]) -> None:
+    row_sum, row_count = np.asarray(metrics["row_sum"]), np.asarray(metrics["row_count"])
+    idx = fact_index_B[valid_B]
+    np.add.at(self.total, idx, row_sum[valid_B])
+    np.add.at(self.count, idx, row_count[valid_B])
+
+  def fact_loss(self) -> np.ndarray:
+    return self.total / np.maximum(self.count, 1)
+
+
+def fit(step_fn: Callable, state: TrainState, frozen: Any, encoded: Sequence[data_lib.EncodedFact],
+        cfg: TrainConfig, *, pad_id: int, label: str = "train",
+        run_dir: pathlib.Path | None = None, resume: bool = False, progress: bool = True,
+        stop_after_steps: int | None = None,
+        on_epoch: Callable[[int, TrainState, np.ndarray], dict[str, Any]] | None = None) -> FitResult:
+  """Trains for `cfg.epochs` (or until every fact's loss < `cfg.stop_loss`).
+
+  With `run_dir`, writes `run_dir/metrics.jsonl` (one line per epoch, tagged with
+  `label`) and checkpoints into `run_dir/checkpoints/<label>`; `resume=True` restarts
+  from the newest checkpoint there, with the same batches and the same results as
+  an uninterrupted run. `stop_after_steps` ends the loop early (tests, debugging).
+  `on_epoch(epoch, state, fact_loss)` may add metrics to the epoch's record; a
+  true `"stop"` among them ends training after that epoch.
+  """
+  n = len(encoded)
+  n_batches = data_lib.num_batches(n, cfg.batch_size)
+  ckpt = None
+  start_epoch, start_batch, epoch_acc, history = 0, 0, _Epoch(n), []
+  metrics_path = None
+  if run_dir is not None:
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    ckpt = Checkpointer(run_dir / "checkpoints" / label, cfg.checkpoint_every)
+    if resume:
+      restored = ckpt.restore(state)
+      if restored is not None:
+        state, pos = restored
+        start_epoch, start_batch = pos["epoch"], pos["batch"]
+        epoch_acc.total, epoch_acc.count = np.asarray(pos["total"]), np.asarray(pos["count"])
+        history = pos["history"]
+    if metrics_path.exists():  # drop this label's records past the restored position
+      kept = [line for line in metrics_path.read_text().splitlines()
+              if json.loads(line).get("run") != label or json.loads(line)["epoch"] < start_epoch]
+      metrics_path.write_text("".join(f"{line}\n" for line in kept))
+  bar = None
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=cfg.epochs * n_batches, initial=start_epoch * n_batches + start_batch,
+                    desc=label, unit="step", dynamic_ncols=True)
+  t0 = time.perf_counter()
+  steps_done = 0
+  first_step = int(state.step)
+  fact_loss = epoch_acc.fact_loss()
+  for epoch in range(start_epoch, cfg.epochs):
+    t_epoch = time.perf_counter()
+    pending = None
+    for b, batch in enumerate(data_lib.epoch_batches(encoded, cfg.batch_size, cfg.seq_len, pad_id,
+                                                     cfg.seed, epoch)):
+      if epoch == start_epoch and b < start_batch:
+        continue
+      state, metrics = step_fn(state, frozen, jnp.asarray(batch.tokens_BxT), jnp.asarray(batch.loss_mask_BxT))
+      if pending is not None:
+        epoch_acc.add(*pending)
+      pending = (batch.fact_index_B, batch.valid_B, metrics)
+      steps_done += 1
+      if bar is not None:
+        bar.update(1)
+      step = first_step + steps_done  # host-side count: reading state.step would block
+      if ckpt is not None and ckpt.due(step):
+        epoch_acc.add(*pending)
+        pending = None
+        ckpt.save(step, state, {"epoch": epoch, "batch": b + 1, "total": epoch_acc.total.tolist(),
+                                "count": epoch_acc.count.tolist(), "history": history})
+      if stop_after_steps is not None and steps_done >= stop_after_steps:
+        if ckpt is not None:
+          ckpt.close()
+        if bar is not None:
+          bar.close()
+        return FitResult(state, history, epoch_acc.fact_loss(), time.perf_counter() - t0)
+    if pending is not None:
+      epoch_acc.add(*pending)
+    fact_loss = epoch_acc.fact_loss()
+    record = {"run": label, "epoch": epoch, "step": first_step + steps_done,
+              "loss": float(np.mean(fact_loss)), "max_fact_loss": float(np.max(fact_loss)),
+              "frac_below_stop": (float(np.mean(fact_loss < cfg.stop_loss))
+                                  if cfg.stop_loss is not None else None),
+              "epoch_seconds": time.perf_counter() - t_epoch}
+    extra = on_epoch(epoch, state, fact_loss) if on_epoch is not None else {}
+    record.update(extra)
+    history.append(record)
+    if metrics_path is not None:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if bar is not None:
+      bar.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}", max=f"{record['max_fact_loss']:.3f}")
+    epoch_acc = _Epoch(n)
+    if extra.get("stop") or (cfg.stop_loss is not None and record["max_fact_loss"] < cfg.stop_loss):
+      break
+  if ckpt is not None:
+    if ckpt.every:
+      ckpt.save(first_step + steps_done, state, {
+          "epoch": cfg.epochs, "batch": 0, "total": fact_loss.tolist(), "count": [1.0] * n,
+          "history": history})
+    ckpt.close()
+  if bar is not None:
+    bar.close()
+  return FitResult(state, history, fact_loss, time.perf_counter() - t0)

@@ -1,0 +1,138 @@
+"""Typed frozen-dataclass configs from YAML files plus `a.b.c=value` overrides.
+
+Every field is checked against its annotation; an unknown key or a value of the
+wrong type is an error that names the file (or `--set` flag), the dotted field
+and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import types
+import typing
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+  return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _coerce(arg, value, where)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+  if typing.get_origin(tp) is typing.Literal:
+    if value not in typing.get_args(tp):
+      raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+    return value
+  if _is_dataclass_type(tp):
+    if isinstance(value, tp):
+      return value
+    if not isinstance(value, dict):
+      raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+    return from_dict(tp, value, where)
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{where}: expected a list, got {value!r}")
+    item = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+    return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+  if tp is Any:
+    return value
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    return value
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+  if tp is str:
+    if not isinstance(value, str):
+      raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+  raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+def from_dict(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
+  """Builds `cls` from a (nested) mapping, checking names and types."""
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls) if f.init}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ConfigError(f"{where}: unknown field {unknown[0]!r}; known fields: {', '.join(sorted(names))}")
+  kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in values.items()}
+  try:
+    return cls(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{where}: {e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+  if dataclasses.is_dataclass(obj):
+    return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+  if isinstance(obj, tuple):
+    return [to_dict(v) for v in obj]
+  return obj
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+  parts = dotted.split(".")
+  for part in parts[:-1]:
+    node = tree.setdefault(part, {})
+    if not isinstance(node, dict):
+      raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+    tree = node
+  tree[parts[-1]] = value
+
+
+def load(cls: type[C], path: os.PathLike | None, overrides: Sequence[str] = ()) -> C:
+  """Reads `path` (YAML, may be None for defaults), applies `key.sub=value` overrides."""
+  values: dict[str, Any] = {}
+  where = "defaults"
+  if path is not None:
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise ConfigError(f"config file {path} does not exist")
+    try:
+      loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+      raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+      raise ConfigError(f"{path}: the top level must be a mapping of fields")
+    values, where = loaded, str(path)
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"--set {item!r}: expected key.sub=value")
+    key, raw = item.split("=", 1)
+    _set(values, key.strip(), yaml.safe_load(raw))
+    where = f"{where} + --set"
+  return from_dict(cls, values, where)
+
+
+def dump(obj: Any) -> str:
+  return yaml.safe_dump(to_dict(obj), sort_keys=False)

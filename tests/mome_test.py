@@ -1,0 +1,470 @@
+"""Tests for lamini_jax.mome and kernels.gather_apply (reference)."""
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kernels.gather_apply import gather_apply_reference
+from lamini_jax import mome
+
+# N = 15 * 17 experts (odd, not square), odd widths everywhere.
+CFG = mome.MomeConfig(
+    num_experts=255, embed_dim=13, expert_rank=3, num_heads=3, key_dim=10, top_k=5,
+    activation="gelu", sub_keys=(15, 17))
+TOKENS = 37
+
+
+def _random_table(key, cfg, scale=1.0):
+  k1, k2 = jax.random.split(key)
+  shapes = mome.table_shapes(cfg)
+  return {"down": scale * jax.random.normal(k1, shapes["down"]),
+          "up": scale * jax.random.normal(k2, shapes["up"])}
+
+
+def _gelu_tanh(x):
+  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _brute_topk(scores_XxN, k):
+  """Top-k by (score desc, index asc) over the last axis, in float64 numpy."""
+  order = np.argsort(-scores_XxN, axis=-1, kind="stable")[..., :k]
+  return np.take_along_axis(scores_XxN, order, axis=-1), order
+
+
+# ----------------------------------------------------------------------------
+# Config.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(key_dim=9), "key_dim"),
+    (dict(num_experts=4, top_k=5, sub_keys=None), "top_k"),
+    (dict(num_experts=251, sub_keys=None), "num_experts=251"),  # prime: 1 x 251
+    (dict(sub_keys=(15, 16)), "sub_keys"),
+    (dict(activation="tanh"), "activation"),
+    (dict(expert_rank=0), "expert_rank"),
+])
+def test_config_rejects_bad_values(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    mome.MomeConfig(**{**CFG.__dict__, **kwargs})
+
+
+def test_config_grid_splits_non_square_sizes():
+  assert mome.MomeConfig(num_experts=2**17, top_k=8).grid == (256, 512)
+  assert mome.MomeConfig(num_experts=2**20, top_k=8).grid == (1024, 1024)
+  assert mome.MomeConfig(num_experts=289, top_k=8).grid == (17, 17)
+  assert CFG.grid == (15, 17) and CFG.slots == 15
+
+
+# ----------------------------------------------------------------------------
+# Router.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n1, n2, k", [(15, 17, 7), (3, 5, 7), (3, 5, 4), (11, 2, 22)])
+def test_product_key_topk_equals_brute_force_with_ties(n1, n2, k):
+  # Small integers: sums are exact in float32 and full of ties, so indices must
+  # follow the documented order (score desc, expert index asc) exactly.
+  rng = np.random.default_rng(n1 * 100 + k)
+  s1 = rng.integers(-3, 4, size=(6, n1)).astype(np.float32)
+  s2 = rng.integers(-3, 4, size=(6, n2)).astype(np.float32)
+  scores, experts = mome.product_key_topk(jnp.asarray(s1), jnp.asarray(s2), k)
+  full = (s1.astype(np.float64)[:, :, None] + s2[:, None, :]).reshape(6, n1 * n2)
+  want_scores, want_experts = _brute_topk(full, k)
+  np.testing.assert_array_equal(np.asarray(experts), want_experts)
+  np.testing.assert_array_equal(np.asarray(scores), want_scores)
+
+
+def test_route_equals_dense_cross_attention_over_all_keys():
+  router = mome.init_router(jax.random.PRNGKey(0), CFG)
+  x = jax.random.normal(jax.random.PRNGKey(1), (TOKENS, CFG.embed_dim))
+  idx, w = jax.jit(functools.partial(mome.route, cfg=CFG))(router, x)
+  # Reference: every expert's full key, dense [T, H, N] scores in float64.
+  n1, n2 = CFG.grid
+  p = {k: np.asarray(v, np.float64) for k, v in router.items()}
+  e = np.arange(CFG.num_experts)
+  keys_HxNxQ = np.concatenate([p["keys1"][:, e // n2], p["keys2"][:, e % n2]], axis=-1)
+  q_TxHxQ = np.einsum("td,dhq->thq", np.asarray(x, np.float64), p["query"])
+  scores_TxHxN = np.einsum("thq,hnq->thn", q_TxHxQ, keys_HxNxQ)
+  top, want = _brute_topk(scores_TxHxN, CFG.top_k + 1)
+  assert np.min(top[..., -2] - top[..., -1]) > 1e-4, "test data has a near-tie at the k-th score"
+  top, want = top[..., :-1], want[..., :-1]
+  got = np.asarray(idx).reshape(TOKENS, CFG.num_heads, CFG.top_k)
+  np.testing.assert_array_equal(np.sort(got, axis=-1), np.sort(want, axis=-1))
+  got_w = np.asarray(w).reshape(got.shape)
+  ref_scores = np.take_along_axis(scores_TxHxN, got, axis=-1)
+  ref_w = np.exp(ref_scores - ref_scores.max(-1, keepdims=True))
+  np.testing.assert_allclose(got_w, ref_w / ref_w.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+def test_route_gradient_reaches_query_and_keys():
+  router = mome.init_router(jax.random.PRNGKey(0), CFG)
+  x = jax.random.normal(jax.random.PRNGKey(1), (TOKENS, CFG.embed_dim))
+  target = jax.random.normal(jax.random.PRNGKey(2), (TOKENS, CFG.slots))
+  grads = jax.jit(jax.grad(lambda r: jnp.sum(mome.route(r, x, CFG)[1] * target)))(router)
+  for name, g in grads.items():
+    assert float(jnp.abs(g).max()) > 0, name
+
+
+# ----------------------------------------------------------------------------
+# Gather-apply reference.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation, np_activation", [
+    (jax.nn.relu, lambda h: np.maximum(h, 0.0)), (jax.nn.gelu, _gelu_tanh)])
+def test_gather_apply_reference_equals_float64_loop(activation, np_activation):
+  t, k, n, d, r = 7, 5, 11, 13, 3
+  rng = np.random.default_rng(3)
+  x, w = rng.normal(size=(t, d)), rng.normal(size=(t, k))
+  down, up = rng.normal(size=(n, d, r)), rng.normal(size=(n, r, d))
+  idx = rng.integers(0, n, size=(t, k))
+  idx[0, :2] = idx[0, 2]  # duplicate slots in one token
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  y = gather_apply_reference(f32(x), jnp.asarray(idx), f32(w), f32(down), f32(up), activation)
+  want = np.zeros((t, d))
+  for i in range(t):
+    for j in range(k):
+      e = idx[i, j]
+      want[i] += w[i, j] * np_activation(x[i] @ down[e]) @ up[e]
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Sparse training.
+# ----------------------------------------------------------------------------
+
+
+def _loss(rows, idx_TxK, w_TxK, x_TxD, target_TxD, cfg):
+  y_TxD = mome.apply_experts(x_TxD, idx_TxK, w_TxK, rows, cfg)
+  return jnp.mean((y_TxD - target_TxD) ** 2)
+
+
+def _batch(seed, cfg=CFG, tokens=TOKENS, max_expert=None):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  idx = jax.random.randint(keys[0], (tokens, cfg.slots), 0, max_expert or cfg.num_experts)
+  w = jax.random.uniform(keys[1], (tokens, cfg.slots))
+  x = jax.random.normal(keys[2], (tokens, cfg.embed_dim))
+  target = jax.random.normal(keys[3], (tokens, cfg.embed_dim))
+  return idx, w, x, target
+
+
+def test_unique_rows_roundtrip_and_padding():
+  idx = jnp.array([[5, 1, 5], [2, 1, 0]])
+  uniq, inv = mome.unique_rows(idx, 9)
+  np.testing.assert_array_equal(np.asarray(uniq), [0, 1, 2, 5, 9, 9])
+  np.testing.assert_array_equal(np.asarray(uniq)[np.asarray(inv)], np.asarray(idx))
+
+
+def test_row_grads_combine_duplicates_and_equal_dense_gradient_rows():
+  # Only 40 distinct experts for 37 * 15 slots: many duplicates within the batch.
+  idx, w, x, target = _batch(0, max_expert=40)
+  table = _random_table(jax.random.PRNGKey(1), CFG)
+  loss_fn = functools.partial(_loss, cfg=CFG)
+  loss, g_rows, uniq = jax.jit(functools.partial(mome.row_grads, loss_fn))(table, idx, w, x, target)
+  dense_loss, g_dense = jax.jit(jax.value_and_grad(loss_fn))(table, idx, w, x, target)
+  uniq = np.asarray(uniq)
+  real = uniq < CFG.num_experts
+  assert real.sum() == len(np.unique(np.asarray(idx))) and not real.all()
+  # Exact: both are the transpose of the same gather, summed in the same order.
+  assert float(loss) == float(dense_loss)
+  for name in ("down", "up"):
+    dense = np.asarray(g_dense[name])
+    np.testing.assert_array_equal(np.asarray(g_rows[name])[real], dense[uniq[real]])
+    np.testing.assert_array_equal(np.asarray(g_rows[name])[~real], 0.0)
+    untouched = np.setdiff1d(np.arange(CFG.num_experts), uniq[real])
+    np.testing.assert_array_equal(dense[untouched], 0.0)
+
+
+def _tuning_step(cfg, tx):
+  def step(table, opt_state, idx, w, x, target):
+    loss_fn = functools.partial(_loss, cfg=cfg)
+    loss, g_rows, uniq = mome.row_grads(loss_fn, table, idx, w, x, target)
+    table, opt_state = mome.sparse_step(table, opt_state, g_rows, uniq, tx=tx)
+    return table, opt_state, loss
+  return jax.jit(step, donate_argnames=("table", "opt_state"))
+
+
+def test_sparse_steps_change_only_selected_experts():
+  # SiLU: tanh-GELU and its derivative are exactly 0 below about -6 in float32,
+  # which could leave a selected expert with an exactly zero gradient.
+  cfg = dataclasses.replace(CFG, activation="silu")
+  tx = optax.adafactor(1e-2)
+  idx, w, x, target = _batch(1, max_expert=200)
+  table = _random_table(jax.random.PRNGKey(2), cfg)
+  opt_state = mome.init_expert_opt_state(table, tx)
+  before = jax.tree.map(np.array, (table, opt_state))
+  step = _tuning_step(cfg, tx)
+  losses = []
+  for _ in range(4):
+    table, opt_state, loss = step(table, opt_state, idx, w, x, target)
+    losses.append(float(loss))
+  after = jax.tree.map(np.asarray, (table, opt_state))
+  selected = np.unique(np.asarray(idx))
+  unselected = np.setdiff1d(np.arange(CFG.num_experts), selected)
+  assert unselected.size > 0
+  for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(new[unselected], old[unselected])  # bit for bit
+  for name in ("down", "up"):
+    changed = np.any(after[0][name][selected] != before[0][name][selected], axis=(1, 2))
+    assert changed.all(), name
+  np.testing.assert_array_equal(after[1][0].count[selected], 4)
+  assert losses[-1] < losses[0]
+
+
+def test_sparse_step_is_in_place_with_no_table_sized_temporary():
+  # Compile only (no data): 2^16 experts, 16 tokens. The donated table and state
+  # must be aliased to the outputs, and the step's scratch memory must not hold
+  # anything close to one [N, D, R] table.
+  cfg = mome.MomeConfig(num_experts=2**16, embed_dim=8, expert_rank=1, num_heads=2, key_dim=8,
+                        top_k=4)
+  tx = optax.adafactor(1e-2)
+  spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
+  table = jax.tree.map(spec, mome.table_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+  opt_state = jax.eval_shape(lambda t: mome.init_expert_opt_state(t, tx), table)
+  idx, w = spec((16, cfg.slots), jnp.int32), spec((16, cfg.slots))
+  x = spec((16, cfg.embed_dim))
+  compiled = _tuning_step(cfg, tx).lower(table, opt_state, idx, w, x, x).compile()
+  stats = compiled.memory_analysis()
+  state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves((table, opt_state)))
+  one_table_leaf = cfg.num_experts * cfg.embed_dim * 4
+  assert stats.alias_size_in_bytes == state_bytes
+  assert stats.temp_size_in_bytes < one_table_leaf / 8, stats
+
+
+def test_sparse_adafactor_equals_one_optax_adafactor_per_expert():
+  # Default adafactor (per-block clipping and parameter scale): each expert is
+  # its own parameter block with its own step count. Selections vary per step.
+  tx = optax.adafactor(3e-2)
+  table = _random_table(jax.random.PRNGKey(3), CFG)
+  opt_state = mome.init_expert_opt_state(table, tx)
+  ref_params = {e: {k: v[e] for k, v in table.items()} for e in range(CFG.num_experts)}
+  ref_state = {e: tx.init(p) for e, p in ref_params.items()}
+  ref_update = jax.jit(tx.update)
+  step = jax.jit(functools.partial(mome.sparse_step, tx=tx))
+  for s in range(3):
+    idx = jax.random.randint(jax.random.PRNGKey(10 + s), (5, 4), 0, 60)
+    uniq, _ = mome.unique_rows(idx, CFG.num_experts)
+    grads = _random_table(jax.random.PRNGKey(20 + s), CFG)
+    g_rows = jax.tree.map(lambda a: jnp.take(a, uniq, axis=0, mode="clip"), grads)
+    table, opt_state = step(table, opt_state, g_rows, uniq)
+    for e in np.unique(np.asarray(idx)):
+      g = {k: v[e] for k, v in grads.items()}
+      upd, ref_state[e] = ref_update(g, ref_state[e], ref_params[e])
+      ref_params[e] = optax.apply_updates(ref_params[e], upd)
+  # rtol 1e-6 (a few float32 ulps): the vmapped and the unbatched XLA programs
+  # may associate the per-block RMS sums differently.
+  for e in range(CFG.num_experts):
+    for name in ("down", "up"):
+      np.testing.assert_allclose(np.asarray(table[name][e]), np.asarray(ref_params[e][name]),
+                                 rtol=1e-6, atol=1e-7, err_msg=f"expert {e} {name}")
+    assert int(opt_state[0].count[e]) == int(ref_state[e][0].count)
+
+
+@pytest.mark.parametrize("all_rows", [True, False])
+def test_sparse_adafactor_equals_dense_optax_adafactor_on_whole_table(all_rows):
+  # Elementwise adafactor (no factoring, no block clipping, no parameter scale):
+  # optax on the whole [N, ...] table keeps one step count for all rows. It
+  # equals the per-expert sparse update when every selected row is selected on
+  # every step: (a) all rows every step, or (b) a frozen selection where the
+  # dense gradient is zero elsewhere (zero gradient => zero update there).
+  tx = optax.adafactor(3e-2, factored=False, clipping_threshold=None,
+                       multiply_by_parameter_scale=False)
+  n = CFG.num_experts
+  if all_rows:
+    idx = jax.random.permutation(jax.random.PRNGKey(4), n).reshape(17, CFG.slots)  # 17 * 15 = N
+  else:
+    idx = _batch(5, tokens=17, max_expert=120)[0]
+  _, w, x, target = _batch(6, tokens=17)
+  table = _random_table(jax.random.PRNGKey(7), CFG)
+  dense_table, dense_state = table, tx.init(table)
+  sparse_state = mome.init_expert_opt_state(table, tx)
+  step = _tuning_step(CFG, tx)
+  loss_fn = functools.partial(_loss, cfg=CFG)
+
+  @jax.jit
+  def dense_step(params, state):
+    grads = jax.grad(loss_fn)(params, idx, w, x, target)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  sparse_table = jax.tree.map(jnp.copy, table)
+  for _ in range(3):
+    sparse_table, sparse_state, _ = step(sparse_table, sparse_state, idx, w, x, target)
+    dense_table, dense_state = dense_step(dense_table, dense_state)
+  for name in ("down", "up"):  # bit for bit: the same elementwise float ops
+    np.testing.assert_array_equal(np.asarray(sparse_table[name]), np.asarray(dense_table[name]))
+    assert not np.array_equal(np.asarray(sparse_table[name]), np.asarray(table[name]))
+
+
+def test_dense_step_equals_sparse_step_when_all_rows_selected():
+  tx = optax.adafactor(1e-2)
+  table = _random_table(jax.random.PRNGKey(8), CFG)
+  grads = _random_table(jax.random.PRNGKey(9), CFG)
+  state = mome.init_expert_opt_state(table, tx)
+  dense_table, dense_state = jax.jit(functools.partial(mome.dense_step, tx=tx))(table, state, grads)
+  uniq = jnp.arange(CFG.num_experts)
+  sparse = jax.jit(functools.partial(mome.sparse_step, tx=tx))
+  sparse_table, sparse_state = sparse(table, state, grads, uniq)
+  for a, b in zip(jax.tree.leaves((dense_table, dense_state)), jax.tree.leaves((sparse_table, sparse_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_layer_helpers_walk_nested_collections():
+  tx = optax.adafactor(1e-2)
+  tables = {"block_0": {"mome": _random_table(jax.random.PRNGKey(40), CFG)},
+            "block_3": {"mome": _random_table(jax.random.PRNGKey(41), CFG)}}
+  opt_states = mome.map_layers(lambda t: mome.init_expert_opt_state(t, tx), tables)
+  uniqs, grads = {}, {}
+  for i, block in enumerate(tables):
+    uniq, _ = mome.unique_rows(_batch(42 + i, tokens=3)[0], CFG.num_experts)
+    uniqs[block] = {"mome": {"uniq": uniq}}
+    grads[block] = {"mome": jax.tree.map(lambda a: a[:uniq.shape[0]],
+                                         _random_table(jax.random.PRNGKey(50 + i), CFG))}
+  new_tables, new_states = jax.jit(functools.partial(mome.sparse_step_layers, tx=tx))(
+      tables, opt_states, grads, uniqs)
+  step = jax.jit(functools.partial(mome.sparse_step, tx=tx))
+  for block in tables:
+    want = step(tables[block]["mome"], opt_states[block]["mome"], grads[block]["mome"],
+                uniqs[block]["mome"]["uniq"])
+    got = (new_tables[block]["mome"], new_states[block]["mome"])
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------
+# Flax module.
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def layer_x_vars():
+  layer = mome.MomeLayer(CFG)
+  x = jax.random.normal(jax.random.PRNGKey(11), (2, 19, CFG.embed_dim))
+  variables = jax.jit(layer.init)({"params": jax.random.PRNGKey(12)}, x)
+  return layer, x, variables
+
+
+def test_module_collections_logical_names_and_zero_init_output(layer_x_vars):
+  layer, x, variables = layer_x_vars
+  specs = nn.get_partition_spec(variables)
+  assert set(variables) == {mome.ROUTER, mome.BALANCE, mome.TABLE}
+  assert tuple(specs[mome.TABLE]["down"]) == mome.TABLE_AXES["down"]
+  assert tuple(specs[mome.TABLE]["up"]) == mome.TABLE_AXES["up"]
+  for name, axes in mome.ROUTER_AXES.items():
+    assert tuple(specs[mome.ROUTER][name]) == axes
+  y = jax.jit(layer.apply)(variables, x)
+  assert y.shape == x.shape
+  np.testing.assert_array_equal(np.asarray(y), 0.0)  # up = 0: step 0 equals the backbone
+
+
+def test_module_delta_gradient_equals_dense_table_gradient_and_router_is_frozen(layer_x_vars):
+  layer, x, variables = layer_x_vars
+  variables = nn.unbox(variables)
+  frozen = {k: variables[k] for k in (mome.ROUTER, mome.BALANCE)}
+  tables = _random_table(jax.random.PRNGKey(13), CFG, scale=0.5)
+  num_tokens = x.shape[0] * x.shape[1]
+
+  def loss_of_deltas(deltas, tables):
+    y, aux = layer.apply({**frozen, mome.TABLE: tables, mome.DELTA: deltas}, x, mutable=[mome.UNIQ])
+    return jnp.sum(jnp.sin(y)), aux[mome.UNIQ]
+
+  def loss_of_table(tables):
+    return jnp.sum(jnp.sin(layer.apply({**frozen, mome.TABLE: tables}, x)))
+
+  deltas = mome.zero_deltas(tables, num_tokens * CFG.slots)
+  delta_grad = jax.jit(jax.value_and_grad(loss_of_deltas, has_aux=True))
+  (loss, uniqs), g = delta_grad(deltas, tables)
+  dense_loss, g_dense = jax.jit(jax.value_and_grad(loss_of_table))(tables)
+  assert float(loss) == float(dense_loss)
+  uniq = np.asarray(uniqs["uniq"])
+  real = uniq < CFG.num_experts
+  for name in ("down", "up"):
+    np.testing.assert_array_equal(np.asarray(g[name])[real], np.asarray(g_dense[name])[uniq[real]])
+
+  # Phase 2: steps update the table only; the frozen router keeps selecting the same rows.
+  tx = optax.adafactor(1e-1)
+  opt_state = mome.init_expert_opt_state(tables, tx)
+  step = jax.jit(functools.partial(mome.sparse_step_layers, tx=tx))
+  for _ in range(3):
+    (_, new_uniqs), g = delta_grad(deltas, tables)
+    np.testing.assert_array_equal(np.asarray(new_uniqs["uniq"]), uniq)
+    tables, opt_state = step(tables, opt_state, g, new_uniqs)
+  assert not np.allclose(np.asarray(tables["up"])[uniq[real]],
+                         np.asarray(_random_table(jax.random.PRNGKey(13), CFG, 0.5)["up"])[uniq[real]])
+
+
+def test_module_rejects_wrong_delta_rows(layer_x_vars):
+  layer, x, variables = layer_x_vars
+  variables = nn.unbox(variables)
+  deltas = mome.zero_deltas(variables[mome.TABLE], 5)
+  with pytest.raises(ValueError, match="zero_deltas"):
+    layer.apply({**variables, mome.DELTA: deltas}, x, mutable=[mome.UNIQ])
+
+
+# ----------------------------------------------------------------------------
+# Collisions.
+# ----------------------------------------------------------------------------
+
+
+def test_collision_report_on_hand_made_facts():
+  facts = [np.array([1, 2, 3, 3]), np.array([3, 4]), np.array([5, -1]), np.array([5, 6]), np.array([7])]
+  report = mome.collision_report(facts)
+  assert report.num_facts == 5
+  assert report.experts_used == 7
+  assert report.shared_experts == 2  # 3 and 5
+  assert report.facts_with_collision == 4
+  assert math.isclose(report.fraction_facts_with_collision, 0.8)
+  assert report.pair_collisions == 2
+  np.testing.assert_array_equal(report.facts_per_expert_hist, [0, 5, 2])
+
+
+def test_fact_experts_is_the_union_over_each_facts_tokens():
+  idx = np.array([[4, 1], [1, 9], [7, 7], [2, 3]])
+  fact = np.array([0, 0, -1, 2])
+  got = mome.fact_experts(idx, fact, 3)
+  assert [g.tolist() for g in got] == [[1, 4, 9], [], [2, 3]]
+
+
+def test_balance_router_lowers_collisions_of_clustered_facts():
+  # 23 facts of 2 tokens whose hidden states share one dominant direction:
+  # without the bias they all pick the same few sub-keys and collide.
+  cfg = mome.MomeConfig(num_experts=63 * 65, embed_dim=16, num_heads=2, key_dim=8, top_k=2)
+  router = mome.init_router(jax.random.PRNGKey(0), cfg)
+  num_facts, length = 23, 2
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=16) + 0.3 * rng.normal(size=(num_facts, 1, 16))
+       + 0.05 * rng.normal(size=(num_facts, length, 16)))
+  x = jnp.asarray(x.reshape(-1, 16), jnp.float32)
+  fact = np.repeat(np.arange(num_facts), length)
+
+  route = jax.jit(functools.partial(mome.route, cfg=cfg))
+
+  def report(balance):
+    idx, _ = route(router, x, balance=balance)
+    return mome.collision_report(mome.fact_experts(np.asarray(idx), fact, num_facts))
+
+  balance = mome.balance_router(router, x, cfg)
+  before, after = report(None), report(balance)
+  assert before.fraction_facts_with_collision > 0.9
+  assert after.fraction_facts_with_collision < 0.5 * before.fraction_facts_with_collision
+  assert after.pair_collisions < 0.1 * before.pair_collisions
+  # Deterministic, and it moves selection only: weights come from unbiased scores.
+  again = mome.balance_router(router, x, cfg)
+  for name in balance:
+    np.testing.assert_array_equal(np.asarray(balance[name]), np.asarray(again[name]))
+  idx_b, w_b = route(router, x, balance=balance)
+  s1, s2 = mome.half_scores(router, x)
+  e = np.asarray(idx_b).reshape(-1, cfg.num_heads, cfg.top_k).transpose(1, 0, 2)
+  n2 = cfg.grid[1]
+  raw = np.take_along_axis(np.asarray(s1), e // n2, -1) + np.take_along_axis(np.asarray(s2), e % n2, -1)
+  ref = np.exp(raw - raw.max(-1, keepdims=True))
+  ref = (ref / ref.sum(-1, keepdims=True)).transpose(1, 0, 2).reshape(w_b.shape)
+  np.testing.assert_allclose(np.asarray(w_b), ref, rtol=1e-5, atol=1e-6)
