@@ -6,7 +6,8 @@ Einsum letters, used across the package:
   H head dim, F MLP width, V vocabulary, R adapter rank, L layers.
 
 Variable collections: `"params"` holds the (frozen) backbone, `"lora"` the LoRA
-adapters. Every parameter carries logical axis names (`nn.with_logical_partitioning`)
+adapters, and the `"mome*"` collections the MoME router and expert table
+(`lamini_jax.mome`). Every parameter carries logical axis names (`nn.with_logical_partitioning`)
 that `lamini_jax.sharding` maps onto a device mesh.
 
 Numerics: the residual stream, norms, softmax and logits are float32; matmul
@@ -16,16 +17,19 @@ inputs are cast to `compute_dtype` and accumulate in float32.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 
+from kernels.gather_apply import GatherApplyFn, gather_apply_reference
 from lamini_jax.config import ModelConfig, dtype_of
 from lamini_jax.lora import LoraConfig, lora_specs, merged_kernel
+from lamini_jax.mome import MomeConfig, MomeLayer
 
 # einsum, kernel shape (as config attributes), logical axes, for every projection.
 PROJECTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
@@ -205,8 +209,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
   cfg: ModelConfig
   lora: LoraConfig | None = None
-  # Optional residual branch beside the MLP (the MoME layer): a module factory.
-  branch: Callable[[], nn.Module] | None = None
+  mome: MomeConfig | None = None  # a MoME residual branch beside the MLP, fed the same normed input
+  mome_gather_apply: GatherApplyFn = gather_apply_reference
+  mome_mesh: Mesh | None = None
 
   @nn.compact
   def __call__(self, h_BxTxD, positions_BxT, mask_BxS, q_slots_T, kv):
@@ -215,21 +220,37 @@ class Block(nn.Module):
     h_BxTxD = h_BxTxD + attn_out
     normed = RMSNorm(self.cfg, name="post_attn_norm")(h_BxTxD)
     h_BxTxD = h_BxTxD + MLP(self.cfg, self.lora, name="mlp")(normed)
-    if self.branch is not None:
-      h_BxTxD = h_BxTxD + self.branch()(normed)
+    if self.mome is not None:
+      h_BxTxD = h_BxTxD + MomeLayer(self.mome, self.mome_gather_apply, self.mome_mesh,
+                                    name="mome")(normed)
     return h_BxTxD, new_kv
 
 
 class Transformer(nn.Module):
   """Decoder-only LM. Returns float32 logits [B, T, V] and the updated cache.
 
-  `branches` maps a layer index to a module factory added as a residual branch
-  beside that layer's MLP (used by the MoME layer).
+  A MoME layer (`lamini_jax.mome.MomeLayer` with config `mome`) is added as a
+  residual branch beside the MLP of each layer in `mome_layers`, its variables
+  under `layers_<i>/mome` in the MoME collections. `mome_gather_apply` is the
+  gather-and-apply implementation (reference or a kernel); `mome_mesh` shards
+  the expert table.
   """
 
   cfg: ModelConfig
   lora: LoraConfig | None = None
-  branches: tuple[tuple[int, Callable[[], nn.Module]], ...] = ()
+  mome: MomeConfig | None = None
+  mome_layers: tuple[int, ...] = ()
+  mome_gather_apply: GatherApplyFn = gather_apply_reference
+  mome_mesh: Mesh | None = None
+
+  def __post_init__(self):
+    bad = [i for i in self.mome_layers if not 0 <= i < self.cfg.num_layers]
+    if bad:
+      raise ValueError(f"mome_layers {list(self.mome_layers)}: layer {bad[0]} is outside "
+                       f"0..{self.cfg.num_layers - 1}")
+    if self.mome_layers and self.mome is None:
+      raise ValueError("mome_layers given without a mome config")
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
@@ -251,11 +272,12 @@ class Transformer(nn.Module):
     else:
       q_slots_T = cache.end + jnp.arange(t)
       mask_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, mask_BxT, (0, cache.end))
-    branches = dict(self.branches)
     new_k, new_v = [], []
     for i in range(cfg.num_layers):
       kv = None if cache is None else (cache.k[i], cache.v[i], cache.end)
-      h_BxTxD, layer_kv = Block(cfg, self.lora, branches.get(i), name=f"layers_{i}")(
+      mome = self.mome if i in self.mome_layers else None
+      h_BxTxD, layer_kv = Block(cfg, self.lora, mome, self.mome_gather_apply, self.mome_mesh,
+                                name=f"layers_{i}")(
           h_BxTxD, positions_BxT, mask_BxS, q_slots_T, kv)
       if layer_kv is not None:
         new_k.append(layer_kv[0])
