@@ -95,8 +95,9 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
       raise yaml_config.ConfigError(
           f"train.seq_len={cfg.train.seq_len} is shorter than the longest encoded fact "
           f"({longest} tokens): raise train.seq_len")
-    hook = mt.recall_callback(mt.lora_model(model_cfg, cfg.lora), params, tokenizer, facts, template,
-                              cfg.eval.recall_every, cfg.eval.stop_at_full_recall)
+    hook = mt.recall_callback(mt.lora_model(model_cfg, cfg.lora),
+                              lambda state: {"params": params, "lora": state.trainable}, tokenizer,
+                              facts, template, cfg.eval.recall_every, cfg.eval.stop_at_full_recall)
     print(f"memory tuning {label}: {len(facts)} facts ...", flush=True)
     model, variables, result = mt.tune_lora(
         model_cfg, params, encoded, cfg.lora, cfg.train, pad_id=pad_id, run_dir=run_dir, label=label,

@@ -125,16 +125,18 @@ def tune_lora(cfg: ModelConfig, params: Any, encoded, lora: LoraConfig, train_cf
   return model, {"params": params, "lora": result.state.trainable}, result
 
 
-def recall_callback(model: Transformer, params: Any, tokenizer, facts, template, every: int,
-                    stop_at_full: bool) -> Callable:
-  """An `on_epoch` hook: exact-match recall every `every` epochs; stops at 100%."""
+def recall_callback(model: Transformer, variables_of: Callable[[train_lib.TrainState], dict[str, Any]],
+                    tokenizer, facts, template, every: int, stop_at_full: bool) -> Callable:
+  """An `on_epoch` hook: exact-match recall every `every` epochs; stops at 100%.
+
+  `variables_of(state)` gives the model's variables for a train state.
+  """
 
   def on_epoch(epoch: int, state: train_lib.TrainState, fact_loss: np.ndarray) -> dict[str, Any]:
     del fact_loss
     if every <= 0 or (epoch + 1) % every:
       return {}
-    rate = eval_lib.recall(model, {"params": params, "lora": state.trainable}, tokenizer, facts,
-                           template).rate
+    rate = eval_lib.recall(model, variables_of(state), tokenizer, facts, template).rate
     return {"recall": rate, "stop": bool(stop_at_full and rate == 1.0)}
 
   return on_epoch
