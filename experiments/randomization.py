@@ -63,7 +63,7 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
     raise NotImplementedError(f"method={cfg.method!r}: the MoME method is not built yet; use lora")
 
   model_cfg, params, tokenizer, model_dir = mt.load_backbone(cfg.model)
-  template = data_lib.PromptTemplate(cfg.data.template)
+  template = mt.prompt_template(cfg.data)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   facts_by_mode, held, trained_mmlu = {}, None, []
   for mode in cfg.answers:

@@ -33,6 +33,9 @@ class Checkpointer:
     return self.every > 0 and step % self.every == 0
 
   def save(self, step: int, state: Any, position: dict[str, Any]) -> None:
+    """Saves; a checkpoint already at `step` (e.g. mid-epoch, now final) is replaced."""
+    if step in self._manager.all_steps():
+      self._manager.delete(step)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(position)), force=True)
 

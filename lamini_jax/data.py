@@ -535,8 +535,19 @@ def split_items(items: Sequence[T], n_train: int, n_heldout: int,
 
 @dataclasses.dataclass(frozen=True)
 class PromptTemplate:
-  """Text before the answer; `{question}` is replaced. The answer follows after one space."""
+  """Text before the answer; `{question}` is replaced. The answer follows after one space.
+
+  `answer_end` is a stop sequence written after every trained answer (before EOS,
+  and trained like it): greedy decoding counts an answer as finished at EOS or at
+  `answer_end`. A newline suits models that never learned to emit EOS (such as
+  the shared stories260K) and is harmless for those that did; "" disables it.
+  `train_eos=False` leaves the EOS token out of trained facts, for a backbone
+  whose EOS embedding was never trained (it cannot be learned with the
+  embeddings frozen, and would put a floor under every fact's loss).
+  """
   prompt: str = "Question: {question}\nAnswer:"
+  answer_end: str = "\n"
+  train_eos: bool = True
 
   def __post_init__(self):
     if "{question}" not in self.prompt:
@@ -625,17 +636,18 @@ def encode_facts(tokenizer, template: PromptTemplate, facts: Sequence[Fact],
   eos = int(tokenizer.eos_token_id)
   names = [f"fact {fact.fact_id!r}" for fact in facts]
   split_ids = _prompt_and_answer_ids(
-      tokenizer, template, [(fact.question, fact.answer) for fact in facts], names)
+      tokenizer, template, [(fact.question, fact.answer + template.answer_end) for fact in facts],
+      names)
   encoded = []
   for name, (prefix, answer) in zip(names, split_ids):
-    encoded.append(_encoded(prefix, answer + [eos]))
+    encoded.append(_encoded(prefix, answer + [eos] if template.train_eos else answer))
     if len(encoded[-1].tokens) > max_len:
       raise ValueError(f"{name}: {len(encoded[-1].tokens)} tokens, more than max_len={max_len}")
   return encoded
 
 
 def encode_fact(tokenizer, template: PromptTemplate, fact: Fact, max_len: int) -> EncodedFact:
-  """[BOS] + prompt + answer + EOS, loss mask on the answer tokens and the EOS."""
+  """[BOS] + prompt + answer + answer_end + EOS (if `train_eos`); loss mask on all after the prompt."""
   return encode_facts(tokenizer, template, [fact], max_len)[0]
 
 
@@ -742,25 +754,43 @@ def stack_encoded(encoded: Sequence[EncodedFact], seq_len: int,
 
 
 def epoch_batches(encoded: Sequence[EncodedFact], batch_size: int, seq_len: int, pad_id: int,
-                  seed: int, epoch: int) -> Iterator[Batch]:
+                  seed: int, epoch: int, length_bucket: int | None = None) -> Iterator[Batch]:
   """The batches of one epoch: every fact once, in an order fixed by (seed, epoch).
 
-  All batches have shape [batch_size, seq_len]; the last is filled with invalid rows.
+  All batches have `batch_size` rows; the last is filled with invalid rows. Without
+  `length_bucket` every batch is `seq_len` wide. With it, facts of similar length
+  share a batch ("sortish": a seeded shuffle, sorted by length within windows of
+  16 batches, the batches then shuffled) and each batch is only as wide as its
+  longest fact rounded up to a multiple of `length_bucket` (at most `seq_len`), so
+  a jitted step compiles once per width and computes far less padding.
   """
   if not encoded:
     raise ValueError("epoch_batches: no encoded facts")
+  if length_bucket is not None and length_bucket <= 0:
+    raise ValueError(f"epoch_batches: length_bucket must be positive, got {length_bucket}")
   n_batches = num_batches(len(encoded), batch_size)
   tokens_NxT, mask_NxT = stack_encoded(encoded, seq_len, pad_id)
-  order = np.random.default_rng([_SHUFFLE_STREAM, seed, epoch]).permutation(len(encoded))
+  rng = np.random.default_rng([_SHUFFLE_STREAM, seed, epoch])
+  order = rng.permutation(len(encoded))
+  if length_bucket is not None:
+    lengths = np.array([len(e.tokens) for e in encoded])
+    window = 16 * batch_size
+    order = np.concatenate([chunk[np.argsort(lengths[chunk], kind="stable")]
+                            for chunk in np.array_split(order, range(window, len(order), window))])
+  groups = [order[b * batch_size:(b + 1) * batch_size] for b in range(n_batches)]
+  widths = [seq_len] * n_batches
+  if length_bucket is not None:
+    groups = [groups[i] for i in rng.permutation(n_batches)]
+    widths = [min(seq_len, -(-int(lengths[g].max()) // length_bucket) * length_bucket) for g in groups]
 
   def batches() -> Iterator[Batch]:
-    for b in range(n_batches):
-      index = order[b * batch_size:(b + 1) * batch_size]
+    for index, width in zip(groups, widths):
       n = len(index)
-      tokens_BxT = np.full((batch_size, seq_len), pad_id, np.int32)
-      mask_BxT = np.zeros((batch_size, seq_len), np.float32)
+      tokens_BxT = np.full((batch_size, width), pad_id, np.int32)
+      mask_BxT = np.zeros((batch_size, width), np.float32)
       fact_index_B = np.full((batch_size,), -1, np.int32)
-      tokens_BxT[:n], mask_BxT[:n], fact_index_B[:n] = tokens_NxT[index], mask_NxT[index], index
+      tokens_BxT[:n], mask_BxT[:n], fact_index_B[:n] = (
+          tokens_NxT[index, :width], mask_NxT[index, :width], index)
       yield Batch(tokens_BxT, mask_BxT, fact_index_B, np.arange(batch_size) < n)
 
   return batches()

@@ -84,19 +84,27 @@ def recall(model: Transformer, variables: Any, tokenizer, facts: Sequence[data_l
            template: data_lib.PromptTemplate, batch_size: int = 64) -> Recall:
   """Exact-match recall by greedy decoding (the hallucination rate is 1 - recall).
 
-  A fact counts as recalled when the generated text, up to the end-of-sequence
-  token, equals the trained answer character for character (surrounding white
-  space aside): the model must produce the answer and then stop.
+  A fact counts as recalled when the generated text up to the first stop (the
+  end-of-sequence token, or the template's `answer_end`) equals the trained answer
+  character for character, leading white space aside: the model must produce the
+  answer and then stop. Without any stop the answer is not counted.
   """
   prompts = [data_lib.encode_prompt(tokenizer, template, f.question).tolist() for f in facts]
   answer_lens = [len(tokenizer(f.answer, add_special_tokens=False).input_ids) for f in facts]
-  sampling = gen.SamplingConfig(max_new_tokens=max(answer_lens) + 2)
+  sampling = gen.SamplingConfig(max_new_tokens=max(answer_lens) + 3)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  eos = tokenizer.eos_token_id
   answers: list[str] = []
+  stopped: list[bool] = []
   for start in range(0, len(prompts), batch_size):
     for new in gen.generate(model, variables, prompts[start:start + batch_size], sampling, pad):
-      answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-  exact = np.array([a == f.answer.strip() for a, f in zip(answers, facts)], bool)
+      text = tokenizer.decode(new, skip_special_tokens=True)
+      ended = len(new) < sampling.max_new_tokens or (eos is not None and eos in new)
+      if template.answer_end and template.answer_end in text:
+        text, ended = text.split(template.answer_end, 1)[0], True
+      answers.append(text.strip())
+      stopped.append(ended)
+  exact = np.array([s and a == f.answer.strip() for a, s, f in zip(answers, stopped, facts)], bool)
   return Recall(exact, answers)
 
 
@@ -110,7 +118,10 @@ def generate_answers(model, variables, tokenizer, questions: Sequence[str],
   for start in range(0, len(prompts), batch_size):
     for new in gen.generate(model, variables, prompts[start:start + batch_size],
                             gen.SamplingConfig(max_new_tokens=max_new_tokens), pad):
-      out.append(tokenizer.decode(new, skip_special_tokens=True).strip().split("\n")[0])
+      text = tokenizer.decode(new, skip_special_tokens=True)
+      if template.answer_end:
+        text = text.split(template.answer_end, 1)[0]
+      out.append(text.strip().split("\n")[0])
   return out
 
 

@@ -47,6 +47,8 @@ class DataSpec:
   n_heldout: int = 100
   seed: int = 0
   template: str = data_lib.PromptTemplate().prompt
+  answer_end: str = data_lib.PromptTemplate().answer_end
+  train_eos: bool = True
   max_len: int = 256
 
   def __post_init__(self):
@@ -95,6 +97,10 @@ class RunConfig:
       raise ValueError(f"answers must be a non-empty list of real/random, got {list(self.answers)}")
 
 
+def prompt_template(spec: DataSpec) -> data_lib.PromptTemplate:
+  return data_lib.PromptTemplate(spec.template, spec.answer_end, spec.train_eos)
+
+
 def load_run_config(path, overrides=()) -> RunConfig:
   return yaml_config.load(RunConfig, path, overrides)
 
@@ -118,7 +124,7 @@ def tune_lora(cfg: ModelConfig, params: Any, encoded, lora: LoraConfig, train_cf
   model = lora_model(cfg, lora)
   optimizer = train_cfg.optimizer.build()
   state = train_lib.init_lora_state(model, optimizer, train_cfg.seed)
-  step = train_lib.make_lora_step(model, optimizer)
+  step = train_lib.make_lora_step(model, train_cfg.optimizer)
   result = train_lib.fit(step, state, params, encoded, train_cfg, pad_id=pad_id, label=label,
                          run_dir=run_dir, resume=resume, progress=progress, on_epoch=on_epoch,
                          stop_after_steps=stop_after_steps)

@@ -10,6 +10,7 @@ one JSON line per epoch, checkpoints every N steps and resumes exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -71,6 +72,7 @@ class TrainConfig:
   seed: int = 0
   stop_loss: float | None = None
   checkpoint_every: int = 0
+  length_bucket: int | None = 32  # batch width: longest fact rounded up to this (None: seq_len)
   optimizer: OptimizerConfig = OptimizerConfig()
 
   def __post_init__(self):
@@ -81,6 +83,8 @@ class TrainConfig:
       raise ValueError(f"train.stop_loss must be positive or null, got {self.stop_loss}")
     if self.checkpoint_every < 0:
       raise ValueError(f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+    if self.length_bucket is not None and self.length_bucket <= 0:
+      raise ValueError(f"train.length_bucket must be positive or null, got {self.length_bucket}")
 
 
 @flax.struct.dataclass
@@ -115,8 +119,13 @@ def init_lora_state(model: Transformer, optimizer: optax.GradientTransformation,
                     rng=jax.random.key_data(jax.random.fold_in(key, 1)))
 
 
-def make_lora_step(model: Transformer, optimizer: optax.GradientTransformation) -> Callable:
-  """The jitted LoRA step; only the `"lora"` collection is differentiated and updated."""
+@functools.lru_cache(maxsize=8)
+def make_lora_step(model: Transformer, optimizer_cfg: OptimizerConfig) -> Callable:
+  """The jitted LoRA step; only the `"lora"` collection is differentiated and updated.
+
+  Cached per (model, optimizer config), so runs in one process share compilations.
+  """
+  optimizer = optimizer_cfg.build()
 
   def loss_fn(lora, frozen, tokens_BxT, mask_BxT):
     logits, _ = model.apply({"params": frozen, "lora": lora}, tokens_BxT)
@@ -208,7 +217,7 @@ def fit(step_fn: Callable, state: TrainState, frozen: Any, encoded: Sequence[dat
     t_epoch = time.perf_counter()
     pending = None
     for b, batch in enumerate(data_lib.epoch_batches(encoded, cfg.batch_size, cfg.seq_len, pad_id,
-                                                     cfg.seed, epoch)):
+                                                     cfg.seed, epoch, cfg.length_bucket)):
       if epoch == start_epoch and b < start_batch:
         continue
       state, metrics = step_fn(state, frozen, jnp.asarray(batch.tokens_BxT), jnp.asarray(batch.loss_mask_BxT))

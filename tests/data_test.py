@@ -408,6 +408,7 @@ def test_prompt_template_validation():
 def test_encode_fact_round_trip(stories_tokenizer, truthfulqa_shared):
   tok = stories_tokenizer
   template = data.PromptTemplate()
+  newline = tok("\n", add_special_tokens=False)["input_ids"][-1:]
   facts = (data.truthfulqa_facts(truthfulqa_shared, "real", 0)
            + data.truthfulqa_facts(truthfulqa_shared[:100], "random", 0))
   for fact, enc in zip(facts, data.encode_facts(tok, template, facts, max_len=256)):
@@ -415,16 +416,20 @@ def test_encode_fact_round_trip(stories_tokenizer, truthfulqa_shared):
     assert tokens.dtype == np.int32 and mask.dtype == np.bool_
     n_prompt = enc.prompt_len
     assert tokens[0] == tok.bos_token_id and tokens[-1] == tok.eos_token_id
+    assert tokens[-2:-1].tolist() == newline  # the answer_end stop sequence, then EOS
     assert not mask[:n_prompt].any() and mask[n_prompt:].all()
     np.testing.assert_array_equal(
         tokens[:n_prompt], data.encode_prompt(tok, template, fact.question))
-    assert tok.decode(tokens[n_prompt:-1]).strip() == fact.answer
-    joined = tok(template.join(fact.question, fact.answer), add_special_tokens=False)["input_ids"]
+    assert tok.decode(tokens[n_prompt:-2]) == fact.answer
+    joined = tok(template.join(fact.question, fact.answer + "\n"), add_special_tokens=False)["input_ids"]
     assert tokens[1:-1].tolist() == joined
     prompt = tok(template.render(fact.question), add_special_tokens=False)["input_ids"]
     assert tokens[1:n_prompt].tolist() == prompt
     alone = tok(fact.answer, add_special_tokens=False)["input_ids"]
-    assert tokens[n_prompt:-1].tolist() == alone
+    assert tokens[n_prompt:-2].tolist() == alone
+  no_stop = data.PromptTemplate(answer_end="")
+  enc = data.encode_fact(tok, no_stop, facts[0], 256)
+  assert tok.decode(enc.tokens[enc.prompt_len:-1]) == facts[0].answer
 
 
 def test_encode_fact_too_long(stories_tokenizer):

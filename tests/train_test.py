@@ -1,0 +1,123 @@
+"""LoRA memory tuning: step 0, loss, frozen backbone, recall, kill-and-resume."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lamini_jax import data as data_lib
+from lamini_jax import evaluate as eval_lib
+from lamini_jax import memory_tuning as mt
+from lamini_jax import model as model_lib
+from lamini_jax import train as train_lib
+from lamini_jax.lora import LoraConfig
+
+LORA = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "up", "down"))
+FAST = train_lib.TrainConfig(
+    epochs=100, batch_size=8, seq_len=128, seed=3,
+    optimizer=train_lib.OptimizerConfig(learning_rate=1e-2, multiply_by_parameter_scale=False))
+TEMPLATE = data_lib.PromptTemplate(train_eos=False)  # stories260K never learned </s>
+
+
+@pytest.fixture(scope="module")
+def facts():
+  short = [i for i in data_lib.load_truthfulqa() if len(i.question) < 45]
+  train_items, _ = data_lib.split_items(short, 6, 0, seed=5)
+  return data_lib.truthfulqa_facts(train_items, "random", seed=5)
+
+
+@pytest.fixture(scope="module")
+def encoded(facts, stories_tokenizer):
+  return data_lib.encode_facts(stories_tokenizer, TEMPLATE, facts, 128)
+
+
+def test_token_nll_matches_float64_reference():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 7, 11)).astype(np.float32)
+  tokens = rng.integers(0, 11, (3, 7))
+  mask = rng.random((3, 7)) < 0.6
+  mask[2] = False
+  loss, row_sum, row_count = train_lib.token_nll(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
+  lp = logits.astype(np.float64)
+  lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+  ref_rows = [-sum(lp[b, t - 1, tokens[b, t]] for t in range(1, 7) if mask[b, t]) for b in range(3)]
+  np.testing.assert_allclose(row_sum, ref_rows, rtol=1e-6)
+  np.testing.assert_array_equal(row_count, mask[:, 1:].sum(1))
+  np.testing.assert_allclose(loss, sum(ref_rows) / mask[:, 1:].sum(), rtol=1e-6)
+
+
+def test_lora_step_zero_reproduces_base_logits_exactly(stories):
+  cfg, params = stories
+  lora_model = model_lib.Transformer(cfg, lora=LORA)
+  state = train_lib.init_lora_state(lora_model, FAST.optimizer.build(), seed=0)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(3, 512, (2, 13)))
+  base, _ = model_lib.Transformer(cfg).apply({"params": params}, tokens)
+  adapted, _ = lora_model.apply({"params": params, "lora": state.trainable}, tokens)
+  np.testing.assert_array_equal(np.asarray(adapted), np.asarray(base))
+  a_leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(state.trainable) if path[-1].key == "a"]
+  assert a_leaves and all(float(jnp.abs(a).max()) > 0 for a in a_leaves)  # A random, B zero
+
+
+@pytest.fixture(scope="module")
+def trained(stories, stories_tokenizer, facts, encoded):
+  cfg, params = stories
+  before = jax.tree.map(np.array, params)
+  model, variables, result = mt.tune_lora(cfg, params, encoded, LORA, FAST, pad_id=0, progress=False,
+                                          on_epoch=mt.recall_callback(
+                                              model_lib.Transformer(cfg, lora=LORA),
+                                              lambda s: {"params": params, "lora": s.trainable},
+                                              stories_tokenizer, facts, TEMPLATE, every=10,
+                                              stop_at_full=True))
+  return model, variables, result, before
+
+
+def test_training_lowers_loss_and_recalls_every_random_fact(trained, facts, stories_tokenizer):
+  model, variables, result, _ = trained
+  losses = [r["loss"] for r in result.history]
+  assert losses[-1] < 0.01 * losses[0]
+  rec = eval_lib.recall(model, variables, stories_tokenizer, facts, TEMPLATE)
+  assert rec.rate == 1.0, list(zip(rec.answers, [f.answer for f in facts]))
+  assert result.history[-1]["recall"] == 1.0 and len(result.history) < FAST.epochs
+
+
+def test_frozen_backbone_is_bit_for_bit_unchanged(trained, stories):
+  _, variables, _, before = trained
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, variables["params"]))
+  assert variables["params"] is stories[1]
+
+
+def test_merged_weights_give_the_adapted_logits(trained, stories):
+  cfg, _ = stories
+  model, variables, _, _ = trained
+  merged = model_lib.merge_lora(variables["params"], variables["lora"], LORA)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(3, 512, (2, 17)))
+  want, _ = model.apply(variables, tokens)
+  got, _ = model_lib.Transformer(cfg).apply({"params": merged}, tokens)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
+
+
+def test_kill_and_resume_equals_uninterrupted(stories, encoded, tmp_path):
+  cfg, params = stories
+  tc = train_lib.TrainConfig(epochs=3, batch_size=4, seq_len=128, seed=1, checkpoint_every=2,
+                             optimizer=FAST.optimizer)
+  _, full_vars, full = mt.tune_lora(cfg, params, encoded, LORA, tc, pad_id=0, progress=False,
+                                    run_dir=tmp_path / "full")
+  # Stop after 3 steps (mid-epoch 1; the last checkpoint is at step 2), then resume.
+  mt.tune_lora(cfg, params, encoded, LORA, tc, pad_id=0, progress=False, run_dir=tmp_path / "cut",
+               stop_after_steps=3)
+  _, vars_, resumed = mt.tune_lora(cfg, params, encoded, LORA, tc, pad_id=0, progress=False,
+                                   run_dir=tmp_path / "cut", resume=True)
+  jax.tree.map(np.testing.assert_array_equal, full_vars["lora"], vars_["lora"])
+  strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h]
+  assert strip(resumed.history) == strip(full.history) and len(full.history) == 3
+  lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 3
+
+
+def test_config_validation_names_the_field():
+  with pytest.raises(ValueError, match="train.batch_size"):
+    train_lib.TrainConfig(batch_size=0)
+  with pytest.raises(ValueError, match="optimizer.name"):
+    train_lib.OptimizerConfig(name="sgd")
+  with pytest.raises(ValueError, match="LoraConfig.targets"):
+    LoraConfig(targets=("q", "w"))
