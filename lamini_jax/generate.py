@@ -64,7 +64,7 @@ def _generate(model: Transformer, variables: Any, tokens_BxP: jax.Array, mask_Bx
   b, p = tokens_BxP.shape
   cache = KVCache.empty(model.cfg, b, p + max_new_tokens)
   positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
-  logits, cache = model.apply(variables, tokens_BxP, positions_BxP, mask_BxP, cache)
+  logits, cache = model.apply(variables, tokens_BxP, positions_BxP, mask_BxP, cache, last_only=True)
   key, sub = jax.random.split(key)
   first = _pick(logits[:, -1], sub, temperature, top_p)
   out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first)

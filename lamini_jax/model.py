@@ -255,7 +255,8 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: jax.Array | None = None,
                mask_BxT: jax.Array | None = None, cache: KVCache | None = None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, last_only: bool = False):
+    """`last_only`: logits of the last position only ([B, 1, V]), as prefill needs."""
     cfg = self.cfg
     b, t = tokens_BxT.shape
     if mask_BxT is None:
@@ -282,6 +283,8 @@ class Transformer(nn.Module):
       if layer_kv is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])
+    if last_only:
+      h_BxTxD = h_BxTxD[:, -1:]
     h_BxTxD = RMSNorm(cfg, name="final_norm")(h_BxTxD)
     if cfg.tie_word_embeddings:
       logits = einsum("BTD,VD->BTV", h_BxTxD, embedding, dtype_of(cfg.compute_dtype))

@@ -60,6 +60,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
   if tp is Any:
     return value
   if tp is float:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+      try:
+        return float(value)
+      except ValueError:
+        pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{where}: expected a number, got {value!r}")
     return float(value)
@@ -130,7 +135,8 @@ def load(cls: type[C], path: os.PathLike | None, overrides: Sequence[str] = ()) 
       raise ConfigError(f"--set {item!r}: expected key.sub=value")
     key, raw = item.split("=", 1)
     _set(values, key.strip(), yaml.safe_load(raw))
-    where = f"{where} + --set"
+  if overrides:
+    where = f"{where} + --set overrides"
   return from_dict(cls, values, where)
 
 

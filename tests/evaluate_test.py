@@ -1,0 +1,99 @@
+"""Evaluation metrics against direct float64 computations from the model's logits."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lamini_jax import data as data_lib
+from lamini_jax import evaluate as eval_lib
+from lamini_jax import model as model_lib
+
+TEMPLATE = data_lib.PromptTemplate()
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(model):
+  return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens)[0])
+
+
+def _loglik(model, params, tokens, mask, width=512):
+  """Summed float64 log-likelihood of the masked tokens of one sequence.
+
+  The sequence is right-padded to a fixed width (one compilation); causal
+  attention makes the padding invisible to the positions that are scored.
+  """
+  buffer = np.zeros((1, width), np.int32)
+  buffer[0, :len(tokens)] = tokens
+  logits = _forward(model)(params, jnp.asarray(buffer))
+  lp = np.asarray(logits[0, :len(tokens)], np.float64)
+  lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+  return sum(lp[t - 1, tokens[t]] for t in range(1, len(tokens)) if mask[t])
+
+
+@pytest.fixture(scope="module")
+def setup(stories):
+  cfg, params = stories
+  return model_lib.Transformer(cfg), params
+
+
+def test_score_pads_and_batches_without_changing_results(setup, stories_tokenizer):
+  model, params = setup
+  facts = [data_lib.Fact("Why is the sky blue?", "Because of the sun", "a"),
+           data_lib.Fact("Who won?", "Tim", "b"),
+           data_lib.Fact("What did Lily see in the big park today?", "A red ball", "c")]
+  enc = data_lib.encode_facts(stories_tokenizer, TEMPLATE, facts, 64)
+  ll, count = eval_lib.score(model, {"params": params}, enc, batch_size=2)
+  for e, got, n in zip(enc, ll, count):
+    assert n == e.loss_mask[1:].sum()
+    np.testing.assert_allclose(got, _loglik(model, params, e.tokens, e.loss_mask), rtol=1e-5)
+
+
+def test_truthfulqa_mc_from_log_likelihoods(setup, stories_tokenizer):
+  model, params = setup
+  items = data_lib.load_truthfulqa()[:3]
+  got = eval_lib.truthfulqa_mc(model, {"params": params}, stories_tokenizer, items, TEMPLATE)
+  mc1, mc2 = [], []
+  for item in items:
+    choices = list(item.correct_answers) + list(item.incorrect_answers)
+    enc = data_lib.encode_choices(stories_tokenizer, TEMPLATE, item.question, choices)
+    lls = np.array([_loglik(model, params, e.tokens, e.loss_mask) for e in enc])
+    best = item.correct_answers.index(item.best_answer)
+    n_true = len(item.correct_answers)
+    mc1.append(lls[best] > lls[n_true:].max())
+    p = np.exp(lls - lls.max())
+    mc2.append(p[:n_true].sum() / p.sum())
+  assert got["mc1"] == pytest.approx(np.mean(mc1))
+  assert got["mc2"] == pytest.approx(np.mean(mc2), rel=1e-4)
+  assert got["answer_loss"] > 0
+
+
+def test_mmlu_accuracy_and_perplexity(setup, stories_tokenizer, shared_dir):
+  model, params = setup
+  dev = data_lib.load_mmlu(split="dev", subjects=["astronomy"])
+  items = data_lib.load_mmlu(split="test", subjects=["astronomy"])[:5]
+  got = eval_lib.mmlu_accuracy(model, {"params": params}, stories_tokenizer, dev, items, k=0)
+  plain = data_lib.PromptTemplate("{question}")
+  correct = 0
+  for item in items:
+    enc = data_lib.encode_choices(stories_tokenizer, plain, data_lib.mmlu_prompt(dev, item, 0),
+                                  data_lib.MMLU_LETTERS)
+    lls = [_loglik(model, params, e.tokens, e.loss_mask) for e in enc]
+    correct += int(np.argmax(lls) == item.answer)
+  assert got == {"mmlu_acc": correct / 5, "mmlu_scored": 5, "mmlu_skipped": 0}
+  long_k = eval_lib.mmlu_accuracy(model, {"params": params}, stories_tokenizer, dev, items, k=5)
+  assert long_k["mmlu_skipped"] > 0 and long_k["mmlu_scored"] + long_k["mmlu_skipped"] == 5
+
+  windows = data_lib.corpus_windows(stories_tokenizer, shared_dir / "data/corpus/tinyshakespeare.txt", 31, 3)
+  ppl = eval_lib.perplexity(model, {"params": params}, windows)
+  nll = [-_loglik(model, params, w, np.r_[False, np.ones(31, bool)]) for w in windows]
+  assert ppl == pytest.approx(np.exp(np.sum(nll) / (3 * 31)), rel=1e-5)
+
+
+def test_base_model_recalls_no_random_fact(setup, stories_tokenizer):
+  model, params = setup
+  facts = data_lib.truthfulqa_facts(data_lib.load_truthfulqa()[:4], "random", 0)
+  rec = eval_lib.recall(model, {"params": params}, stories_tokenizer, facts, TEMPLATE)
+  assert rec.rate == 0.0 and len(rec.answers) == 4

@@ -1,0 +1,86 @@
+"""The randomization experiment end to end on a tiny setting, and kill-and-resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from experiments import randomization
+from lamini_jax import memory_tuning as mt
+from lamini_jax import yaml_config
+
+TINY = ["data.n_train=8", "data.n_heldout=4", "train.epochs=4", "train.batch_size=4",
+        "train.checkpoint_every=2", "eval.mmlu_questions=4", "eval.ppl_windows=2",
+        "eval.recall_every=2", "eval.table_rows=2", "train.length_bucket=null"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp("run") / "tiny"
+  cfg = mt.load_run_config(randomization.DEFAULT_CONFIG, TINY + [f"run_dir={run_dir}"])
+  return run_dir, randomization.run(cfg, progress=False)
+
+
+def test_run_writes_every_artifact(tiny_run):
+  run_dir, summary = tiny_run
+  assert set(summary["models"]) == {"base", "lora-real", "lora-random"}
+  for name, metrics in summary["models"].items():
+    for key in ("mc1", "mc2", "answer_loss", "mmlu_acc", "perplexity"):
+      assert isinstance(metrics[key], float), (name, key)
+  for name in ("lora-real", "lora-random"):
+    assert summary["models"][name]["epochs"] == 4 and 0 <= summary["models"][name]["recall"] <= 1
+  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["run"], r["epoch"]) for r in records] == [
+      (run, e) for run in ("lora-real", "lora-random") for e in range(4)]
+  assert all("recall" in r for r in records if r["epoch"] % 2 == 1)
+  assert json.loads((run_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
+  table = (run_dir / "table1.md").read_text().splitlines()
+  assert len(table) == 2 + 4 and table[-1].endswith("| yes |") and "no (held out)" in table[2]
+  assert (run_dir / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+  assert "held-out mc1" in (run_dir / "report.md").read_text()
+
+
+def test_random_answers_are_trained_and_held_out_questions_are_not(tiny_run):
+  run_dir, _ = tiny_run
+  cfg = mt.load_run_config(run_dir / "config.yaml")
+  facts, held, _ = mt.facts_and_heldout(cfg.data, "random")
+  assert not {f.question for f in facts} & {i.question for i in held}
+  assert all(len(f.answer) == 32 for f in facts)
+
+
+def test_existing_run_needs_resume(tiny_run):
+  run_dir, _ = tiny_run
+  cfg = mt.load_run_config(run_dir / "config.yaml")
+  with pytest.raises(yaml_config.ConfigError, match="--resume"):
+    randomization.run(cfg, progress=False)
+  assert randomization.main(["--set", "train.epochs=0", "--run-dir", str(run_dir)]) == 2
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_finishes_with_the_same_metrics(tiny_run, tmp_path):
+  _, reference = tiny_run
+  run_dir = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "experiments.randomization", "--no-progress", "--run-dir", str(run_dir)]
+  cmd += [arg for item in TINY for arg in ("--set", item)]
+  proc = subprocess.Popen(cmd, cwd=mt.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = run_dir / "checkpoints" / "lora-random"
+  deadline = time.time() + 300
+  while not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
+    assert proc.poll() is None and time.time() < deadline, "the run ended before a checkpoint"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (run_dir / "summary.json").exists()
+  done = subprocess.run(cmd + ["--resume"], cwd=mt.REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  resumed = json.loads((run_dir / "summary.json").read_text())
+  drop = ("train_seconds",)
+  for name, metrics in reference["models"].items():
+    assert {k: v for k, v in resumed["models"][name].items() if k not in drop} == pytest.approx(
+        {k: v for k, v in metrics.items() if k not in drop}, rel=1e-6), name
+  lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 8
