@@ -254,21 +254,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--ppl-seq-len", type=int, default=128)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--data-dir")
-  parser.add_argument("--template", default=data_lib.PromptTemplate().prompt)
+  parser.add_argument("--template", default=data_lib.PromptTemplate().prompt,
+                      help="prompt template (ignored with --run, which has its own)")
   parser.add_argument("--json", type=pathlib.Path, help="also write the metrics here")
   args = parser.parse_args(argv)
   try:
     cfg, params, model_dir = hf.load_pretrained(args.model)
     tokenizer = hf.load_tokenizer(model_dir)
     model, variables = Transformer(cfg), {"params": params}
+    template = data_lib.PromptTemplate(args.template.replace("\\n", "\n"))
     if args.run is not None:
       from lamini_jax import memory_tuning  # pylint: disable=g-import-not-at-top
       model, variables = memory_tuning.load_adapter(args.run, args.adapter, cfg, params)
-    template = data_lib.PromptTemplate(args.template.replace("\\n", "\n"))
-    tqa = data_lib.load_truthfulqa(args.data_dir)[:0]
+      run_cfg = memory_tuning.load_run_config(args.run / memory_tuning.CONFIG_FILE)
+      template = memory_tuning.prompt_template(run_cfg.data)
+    tqa: Sequence[data_lib.TruthfulQAItem] = ()
     if args.truthfulqa:
-      items = data_lib.load_truthfulqa(args.data_dir)
-      _, tqa = data_lib.split_items(items, 0, args.truthfulqa, args.seed)
+      _, tqa = data_lib.split_items(data_lib.load_truthfulqa(args.data_dir), 0, args.truthfulqa,
+                                    args.seed)
     heldout = load_heldout(tokenizer, args.data_dir, tqa, args.mmlu, args.mmlu_k, args.ppl_windows,
                            args.ppl_seq_len, template, args.seed)
     metrics = heldout_metrics(model, variables, tokenizer, heldout)

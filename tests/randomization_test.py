@@ -84,3 +84,25 @@ def test_sigkill_then_resume_finishes_with_the_same_metrics(tiny_run, tmp_path):
         {k: v for k, v in metrics.items() if k not in drop}, rel=1e-6), name
   lines = (run_dir / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 8
+
+
+def test_evaluate_cli_reloads_a_trained_adapter(tiny_run, tmp_path, capsys):
+  from lamini_jax import evaluate
+  run_dir, summary = tiny_run
+  cfg = mt.load_run_config(run_dir / "config.yaml")
+  facts, _, _ = mt.facts_and_heldout(cfg.data, "random")
+  facts_file = tmp_path / "facts.jsonl"
+  facts_file.write_text("".join(json.dumps({"question": f.question, "answer": f.answer}) + "\n"
+                                for f in facts))
+  out = tmp_path / "metrics.json"
+  assert evaluate.main(["--model", mt.resolve_model_path(cfg.model.path), "--run", str(run_dir),
+                        "--adapter", "lora-random", "--facts", str(facts_file), "--truthfulqa", "4",
+                        "--json", str(out)]) == 0
+  got = json.loads(out.read_text())
+  want = summary["models"]["lora-random"]
+  assert got["recall"] == want["recall"]
+  assert got["fact_loss"] == pytest.approx(want["fact_loss"], rel=1e-5)
+  assert got["mc1"] == pytest.approx(want["mc1"]) and got["mc2"] == pytest.approx(want["mc2"], rel=1e-5)
+  assert "recall" in capsys.readouterr().out
+  assert evaluate.main(["--model", mt.resolve_model_path(cfg.model.path), "--run", str(run_dir),
+                        "--adapter", "nope"]) == 2
