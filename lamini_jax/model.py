@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 
-from kernels.gather_apply import GatherApplyFn, gather_apply_reference
+from kernels.dispatch import gather_apply_auto
+from kernels.gather_apply import GatherApplyFn
 from lamini_jax.config import ModelConfig, dtype_of
 from lamini_jax.lora import LoraConfig, lora_specs, merged_kernel
 from lamini_jax.mome import MomeConfig, MomeLayer
@@ -210,7 +211,7 @@ class Block(nn.Module):
   cfg: ModelConfig
   lora: LoraConfig | None = None
   mome: MomeConfig | None = None  # a MoME residual branch beside the MLP, fed the same normed input
-  mome_gather_apply: GatherApplyFn = gather_apply_reference
+  mome_gather_apply: GatherApplyFn = gather_apply_auto
   mome_mesh: Mesh | None = None
 
   @nn.compact
@@ -240,7 +241,7 @@ class Transformer(nn.Module):
   lora: LoraConfig | None = None
   mome: MomeConfig | None = None
   mome_layers: tuple[int, ...] = ()
-  mome_gather_apply: GatherApplyFn = gather_apply_reference
+  mome_gather_apply: GatherApplyFn = gather_apply_auto
   mome_mesh: Mesh | None = None
 
   def __post_init__(self):

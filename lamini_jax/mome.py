@@ -66,7 +66,8 @@ from jax.sharding import Mesh
 import numpy as np
 import optax
 
-from kernels.gather_apply import GatherApplyFn, gather_apply_reference
+from kernels.dispatch import gather_apply_auto
+from kernels.gather_apply import GatherApplyFn
 from lamini_jax import sharding
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -312,7 +313,7 @@ def apply_experts(
     w_TxK: jax.Array,
     table: Table,
     cfg: MomeConfig,
-    gather_apply: GatherApplyFn = gather_apply_reference,
+    gather_apply: GatherApplyFn = gather_apply_auto,
     mesh: Mesh | None = None,
 ) -> jax.Array:
   """sum_k w_k * expert_k(x); over a row-sharded table when a mesh is given."""
@@ -541,7 +542,7 @@ class MomeLayer(nn.Module):
   (`shard_gather_apply`, `gather_rows_sharded`) and tokens split over `data`.
   """
   cfg: MomeConfig
-  gather_apply: GatherApplyFn = gather_apply_reference
+  gather_apply: GatherApplyFn = gather_apply_auto
   mesh: Mesh | None = None
 
   def _vars(self, collection, axes, make_init):

@@ -1,0 +1,1 @@
+"""Pallas kernels for TPU (Mosaic); they run on CPU in TPU interpret mode."""
