@@ -16,6 +16,7 @@ inputs are cast to `compute_dtype` and accumulate in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -46,10 +47,39 @@ _MODULE_OF = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp",
 
 
 def einsum(eqn: str, x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
-  """Matmul in `compute_dtype` with float32 accumulation and result."""
-  precision = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+  """Matmul in `compute_dtype` with float32 accumulation and result.
+
+  In a low-precision `compute_dtype` the backward matmuls also run in that dtype
+  (the float32 cotangent is cast down first); left to autodiff they would be
+  mixed float32 x bfloat16 dots, which XLA runs in float32.
+  """
+  if compute_dtype == jnp.float32:
+    return jnp.einsum(eqn, x, w, preferred_element_type=jnp.float32,
+                      precision=jax.lax.Precision.HIGHEST)
+  return _lowp_einsum(eqn, compute_dtype, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _lowp_einsum(eqn, compute_dtype, x, w):
   return jnp.einsum(eqn, x.astype(compute_dtype), w.astype(compute_dtype),
-                    preferred_element_type=jnp.float32, precision=precision)
+                    preferred_element_type=jnp.float32)
+
+
+def _lowp_einsum_fwd(eqn, compute_dtype, x, w):
+  xc, wc = x.astype(compute_dtype), w.astype(compute_dtype)
+  # Zero-size arrays carry the input dtypes (residuals must be arrays).
+  dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+  return jnp.einsum(eqn, xc, wc, preferred_element_type=jnp.float32), (xc, wc, dtypes)
+
+
+def _lowp_einsum_bwd(eqn, compute_dtype, residuals, g):
+  xc, wc, (x_dtype, w_dtype) = residuals
+  _, vjp = jax.vjp(lambda a, b: jnp.einsum(eqn, a, b, preferred_element_type=compute_dtype), xc, wc)
+  dx, dw = vjp(g.astype(compute_dtype))
+  return dx.astype(x_dtype.dtype), dw.astype(w_dtype.dtype)
+
+
+_lowp_einsum.defvjp(_lowp_einsum_fwd, _lowp_einsum_bwd)
 
 
 @flax.struct.dataclass

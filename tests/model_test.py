@@ -117,3 +117,19 @@ def test_config_rejects_bad_values():
   with pytest.raises(ValueError, match="compute"):
     model_lib.ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
                           num_heads=2, num_kv_heads=2, head_dim=4, compute_dtype="float16")
+
+
+def test_bfloat16_einsum_gradients_run_in_bfloat16_and_match_float32():
+  import jax
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(3, 5, 7)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(7, 2, 3)), jnp.bfloat16)
+  loss = lambda dt: lambda x, w: jnp.sum(jnp.sin(model_lib.einsum("BTD,DNH->BTNH", x, w, dt)))
+  gx, gw = jax.grad(loss(jnp.bfloat16), argnums=(0, 1))(x, w)
+  rx, rw = jax.grad(loss(jnp.float32), argnums=(0, 1))(x, w.astype(jnp.float32))
+  assert gx.dtype == jnp.float32 and gw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), atol=0.1, rtol=0.05)
+  np.testing.assert_allclose(np.asarray(gw, np.float32), np.asarray(rw), atol=0.2, rtol=0.05)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(jnp.bfloat16), argnums=(0, 1)))(x, w))
+  outputs = [line.split("=")[0].split(":")[1][:4] for line in jaxpr.splitlines() if "dot_general" in line]
+  assert outputs.count("f32[") == 1 and outputs.count("bf16") >= 2  # only the forward is f32
