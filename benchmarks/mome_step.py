@@ -1,6 +1,12 @@
 """Step time of a MoME memory-tuning step versus the number of experts N.
 
-Everything but N is fixed (T tokens, D, R, K slots). Columns:
+Two modes. The default times the MoME layer alone; `--full` times the whole
+memory-tuning step of `lamini_jax.mome_tuning` (frozen stories260K backbone with
+MoME layers, one real batch of TruthfulQA random-answer facts, token loss,
+sparse row gradients, per-row Adafactor, in-place write-back) beside the same
+step with a dense [N, ...] gradient and Adafactor on every row.
+
+Layer mode: everything but N is fixed (T tokens, D, R, K slots). Columns:
   routed: route a fixed batch with the frozen router, gather the unique
           selected rows, forward, MSE loss, row gradients, per-row Adafactor,
           in-place write-back (lamini_jax.mome.row_grads + sparse_step);
@@ -11,6 +17,7 @@ Sparse variants of all sizes are timed round-robin, so background load hits
 every size alike; each figure is the median of the timed steps after warm-up.
 
   python -m benchmarks.mome_step [--sizes 10,14,17,20] [--reps 10] [--rank 1]
+  python -m benchmarks.mome_step --full [--sizes 10,14,17,20] [--layers 4] [--batch 32]
 """
 
 import argparse
@@ -158,6 +165,96 @@ def format_table(bench: BenchConfig, results: list[dict]) -> str:
   return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------
+# Full memory-tuning step (backbone + MoME layers).
+# ----------------------------------------------------------------------------
+
+
+def _full_batch(batch_size: int):
+  """(config, params, tokens_BxT, mask_BxT): stories260K and the first batch of random facts."""
+  from lamini_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from lamini_jax import memory_tuning as mt  # pylint: disable=g-import-not-at-top
+  run_cfg = mt.load_run_config(mt.REPO / "configs" / "randomization_cpu.yaml")
+  model_cfg, params, tokenizer, _ = mt.load_backbone(run_cfg.model)
+  facts, _, _ = mt.facts_and_heldout(run_cfg.data, "random")
+  encoded = data_lib.encode_facts(tokenizer, mt.prompt_template(run_cfg.data), facts, run_cfg.data.max_len)
+  train = run_cfg.mome.train
+  batch = next(iter(data_lib.epoch_batches(encoded, batch_size, train.seq_len, 0, train.seed, 0,
+                                           train.length_bucket)))
+  return model_cfg, params, jnp.asarray(batch.tokens_BxT), jnp.asarray(batch.loss_mask_BxT)
+
+
+class _FullRunner:
+  """One memory-tuning step variant at one N: its donated train state."""
+
+  def __init__(self, make_step, model_cfg, params, spec, tx, tokens_BxT, mask_BxT):
+    from lamini_jax import mome_tuning as mtt  # pylint: disable=g-import-not-at-top
+    model = mtt.mome_model(model_cfg, spec)
+    init = mtt.init_mome(model, spec.seed)
+    self.frozen = {"params": params, mome.ROUTER: init[mome.ROUTER], mome.BALANCE: init[mome.BALANCE]}
+    self.state = mtt.tuning_state(init[mome.TABLE], tx, 0)
+    self.step = make_step(model, tx, margin=spec.margin)
+    self.batch = (tokens_BxT, mask_BxT)
+    self.times = []
+
+  def __call__(self, timed: bool) -> None:
+    start = time.perf_counter()
+    self.state, metrics = self.step(self.state, self.frozen, *self.batch)
+    jax.block_until_ready((self.state, metrics))
+    if timed:
+      self.times.append(time.perf_counter() - start)
+
+
+def run_full(bench: BenchConfig, layers: tuple[int, ...], batch_size: int) -> tuple[list[dict], tuple]:
+  """Median seconds of the sparse and the dense full step per N; sparse sizes round-robin."""
+  from lamini_jax import mome_tuning as mtt  # pylint: disable=g-import-not-at-top
+  model_cfg, params, tokens_BxT, mask_BxT = _full_batch(batch_size)
+  tx = optax.adafactor(bench.learning_rate, multiply_by_parameter_scale=False)
+
+  def spec(log2_n):
+    return mtt.MomeTuningConfig(
+        layers=layers, num_experts=2**log2_n, expert_rank=bench.expert_rank,
+        num_heads=bench.num_heads, key_dim=bench.key_dim, top_k=bench.top_k)
+
+  sparse = {n: _FullRunner(mtt.make_tuning_step, model_cfg, params, spec(n), tx, tokens_BxT, mask_BxT)
+            for n in bench.log2_sizes}
+  for i in range(bench.warmup + bench.reps):
+    for runner in sparse.values():
+      runner(timed=i >= bench.warmup)
+  results = [{"log2_n": n, "sparse": statistics.median(r.times), "dense": None} for n, r in sparse.items()]
+  del sparse
+  for row in results:
+    if row["log2_n"] <= bench.dense_max_log2:
+      runner = _FullRunner(mtt.make_dense_tuning_step, model_cfg, params, spec(row["log2_n"]), tx,
+                           tokens_BxT, mask_BxT)
+      for i in range(bench.warmup + bench.dense_reps):
+        runner(timed=i >= bench.warmup)
+      row["dense"] = statistics.median(runner.times)
+      del runner
+  return results, tuple(tokens_BxT.shape)
+
+
+def format_full_table(bench: BenchConfig, layers, shape, results: list[dict]) -> str:
+  first = results[0]
+  lines = [
+      f"MoME memory-tuning step, full model: stories260K with MoME at layers {list(layers)},"
+      f" batch {shape[0]}x{shape[1]} tokens of random-answer facts, R={bench.expert_rank},"
+      f" K={bench.num_heads}x{bench.top_k} slots, per-row optax.adafactor;"
+      f" {jax.devices()[0].platform} x{jax.device_count()}",
+      f"median of {bench.reps} sparse steps (sizes interleaved) / {bench.dense_reps} dense steps,"
+      f" after {bench.warmup} warm-up; times in ms",
+      "  sparse = backbone forward, token loss, grads of the gathered rows only, row Adafactor, in-place write",
+      "  dense  = the same model and loss, dense [N,...] table gradient, Adafactor on all N rows",
+      f"{'N':>9} {'sparse':>8} {'x first':>8} {'dense':>9} {'dense/sparse':>13}",
+  ]
+  for r in results:
+    dense = "skipped" if r["dense"] is None else f"{1e3 * r['dense']:.1f}"
+    ratio = "-" if r["dense"] is None else f"{r['dense'] / r['sparse']:.1f}x"
+    lines.append(f"{2 ** r['log2_n']:>9} {1e3 * r['sparse']:>8.1f} {r['sparse'] / first['sparse']:>7.2f}x"
+                 f" {dense:>9} {ratio:>13}")
+  return "\n".join(lines)
+
+
 def main() -> None:
   defaults = BenchConfig()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -168,12 +265,23 @@ def main() -> None:
   parser.add_argument("--dense-max-log2", type=int, default=defaults.dense_max_log2)
   parser.add_argument("--tokens", type=int, default=defaults.tokens)
   parser.add_argument("--rank", type=int, default=defaults.expert_rank)
+  parser.add_argument("--heads", type=int, default=defaults.num_heads)
+  parser.add_argument("--top-k", type=int, default=defaults.top_k)
+  parser.add_argument("--full", action="store_true",
+                      help="time the whole memory-tuning step (backbone + MoME layers)")
+  parser.add_argument("--layers", default="4", help="--full: comma-separated MoME layers")
+  parser.add_argument("--batch", type=int, default=32, help="--full: facts per batch")
   args = parser.parse_args()
   bench = BenchConfig(
       log2_sizes=tuple(int(s) for s in args.sizes.split(",")), reps=args.reps,
       dense_reps=args.dense_reps, dense_max_log2=args.dense_max_log2, tokens=args.tokens,
-      expert_rank=args.rank)
-  print(format_table(bench, run(bench)))
+      expert_rank=args.rank, num_heads=args.heads, top_k=args.top_k)
+  if args.full:
+    layers = tuple(int(s) for s in args.layers.split(","))
+    results, shape = run_full(bench, layers, args.batch)
+    print(format_full_table(bench, layers, shape, results))
+  else:
+    print(format_table(bench, run(bench)))
 
 
 if __name__ == "__main__":

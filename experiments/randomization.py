@@ -1,14 +1,17 @@
-"""The paper's randomization and regularization tests (sections 2-3, Appendix A).
+"""The paper's randomization and regularization tests (sections 2-3 and 7, Appendix A).
 
-    python -m experiments.randomization                      # CPU default, offline
+    python -m experiments.randomization                      # CPU default, offline (LoRA)
+    python -m experiments.randomization --method mome        # Lamini-1 MoME (Figure 5)
+    python -m experiments.randomization --method both        # LoRA and MoME side by side
     python -m experiments.randomization --config configs/llama3_8b_paper.yaml
     python -m experiments.randomization --dataset mmlu --set train.epochs=50 --resume
 
 Memorizes the same facts twice into a frozen pretrained backbone, once with the
-real answers and once with random 32-character answers, then evaluates the base,
-real-trained and random-trained models on the same held-out questions. Writes
-`metrics.jsonl`, `loss_curves.png`, `table1.md`, `summary.json` and `report.md`
-into the run directory and prints the summary table.
+real answers and once with random 32-character answers, with LoRA adapters
+(`train:`) and/or a Mixture of Memory Experts (`mome:`), then evaluates the base
+and every trained model on the same held-out questions. Writes `metrics.jsonl`,
+`loss_curves.png` (one panel per method: Figure 1, Figure 5), `table1.md`,
+`summary.json` and `report.md` into the run directory and prints the summary table.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 from lamini_jax import data as data_lib
 from lamini_jax import evaluate as eval_lib
 from lamini_jax import memory_tuning as mt
+from lamini_jax import mome_tuning
 from lamini_jax import report
 from lamini_jax import yaml_config
 
@@ -49,6 +53,38 @@ def _check_same_config(run_dir: pathlib.Path, text: str, resume: bool) -> None:
         f"{run_dir} already holds a run: pass --resume to continue it, or set --run-dir")
 
 
+def _general_windows(cfg: mt.RunConfig, tokenizer) -> np.ndarray | None:
+  """Phase-1 corpus windows of a MoME run (None when phase 1 is off)."""
+  g = cfg.mome.generalization
+  if not g.epochs:
+    return None
+  root = data_lib.resolve_data_dir(cfg.data.data_dir)
+  path = pathlib.Path(g.corpus)
+  if not path.is_absolute() and root is not None:
+    path = root / path
+  if not path.is_file():
+    raise FileNotFoundError(f"mome.generalization.corpus: {path} not found")
+  return data_lib.corpus_windows(tokenizer, path, g.seq_len, g.windows)
+
+
+def mome_table(summary: dict[str, Any]) -> str:
+  """MoME-only figures: phase times and collisions (facts sharing an expert), per run."""
+  runs = {k: v for k, v in summary["models"].items() if "collisions" in v}
+  if not runs:
+    return ""
+  lines = [f"{'MoME run':<14} {'phase 1 s':>9} {'prepare s':>9} {'train s':>8} {'total s':>8}"
+           f"  collisions per layer (routing: facts with a shared expert, pairs, max facts/expert)"]
+  for label, m in runs.items():
+    parts = []
+    for routing, layers in m["collisions"].items():
+      for layer, c in layers.items():
+        parts.append(f"{routing} {layer}: {c['facts_with_collision']}/{c['num_facts']},"
+                     f" {c['pair_collisions']}, {c['max_facts_per_expert']}")
+    lines.append(f"{label:<14} {m['generalization_seconds']:>9.1f} {m['prepare_seconds']:>9.1f}"
+                 f" {m['train_seconds']:>8.1f} {m['total_seconds']:>8.1f}  " + "; ".join(parts))
+  return "\n".join(lines)
+
+
 def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
   """Runs the experiment described by `cfg`; returns the summary (also written to disk)."""
   t_start = time.perf_counter()
@@ -59,8 +95,6 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
   (run_dir / mt.CONFIG_FILE).write_text(config_text)
   if not resume:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-  if cfg.method != "lora":
-    raise NotImplementedError(f"method={cfg.method!r}: the MoME method is not built yet; use lora")
 
   model_cfg, params, tokenizer, model_dir = mt.load_backbone(cfg.model)
   template = mt.prompt_template(cfg.data)
@@ -87,32 +121,54 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
   models["base"] = eval_lib.heldout_metrics(base_model, base_vars, tokenizer, heldout)
   answers["base"] = answers_of(base_model, base_vars)
   histories = {}
-  for mode, facts in facts_by_mode.items():
-    label = f"lora-{mode}"
+  mome_figures: dict[str, dict[str, Any]] = {}
+  methods = ("lora", "mome") if cfg.method == "both" else (cfg.method,)
+  for method, (mode, facts) in ((m, item) for m in methods for item in facts_by_mode.items()):
+    label = f"{method}-{mode}"
     encoded = data_lib.encode_facts(tokenizer, template, facts, cfg.data.max_len)
+    train_cfg = cfg.train if method == "lora" else cfg.mome.train
     longest = max(len(e.tokens) for e in encoded)
-    if longest > cfg.train.seq_len:
+    if longest > train_cfg.seq_len:
+      field = "train.seq_len" if method == "lora" else "mome.train.seq_len"
       raise yaml_config.ConfigError(
-          f"train.seq_len={cfg.train.seq_len} is shorter than the longest encoded fact "
-          f"({longest} tokens): raise train.seq_len")
-    hook = mt.recall_callback(mt.lora_model(model_cfg, cfg.lora),
-                              lambda state: {"params": params, "lora": state.trainable}, tokenizer,
-                              facts, template, cfg.eval.recall_every, cfg.eval.stop_at_full_recall)
+          f"{field}={train_cfg.seq_len} is shorter than the longest encoded fact "
+          f"({longest} tokens): raise {field}")
     print(f"memory tuning {label}: {len(facts)} facts ...", flush=True)
-    model, variables, result = mt.tune_lora(
-        model_cfg, params, encoded, cfg.lora, cfg.train, pad_id=pad_id, run_dir=run_dir, label=label,
-        resume=resume, progress=progress, on_epoch=hook)
+    if method == "lora":
+      hook = mt.recall_callback(mt.lora_model(model_cfg, cfg.lora),
+                                lambda state: {"params": params, "lora": state.trainable}, tokenizer,
+                                facts, template, cfg.eval.recall_every, cfg.eval.stop_at_full_recall)
+      model, variables, result = mt.tune_lora(
+          model_cfg, params, encoded, cfg.lora, train_cfg, pad_id=pad_id, run_dir=run_dir,
+          label=label, resume=resume, progress=progress, on_epoch=hook)
+    else:
+      prepared = mome_tuning.prepare(
+          model_cfg, params, encoded, cfg.mome, pad_id=pad_id,
+          general_windows=_general_windows(cfg, tokenizer), run_dir=run_dir, label=label,
+          resume=resume, progress=progress)
+      hook = mt.recall_callback(prepared.model, prepared.variables_of, tokenizer, facts, template,
+                                cfg.mome.recall_every, cfg.eval.stop_at_full_recall)
+      model, variables, result = mome_tuning.tune_mome(
+          model_cfg, params, encoded, cfg.mome, train_cfg, pad_id=pad_id, run_dir=run_dir,
+          label=label, resume=resume, progress=progress, on_epoch=hook, prepared=prepared)
+      mome_figures[label] = {"prepare_seconds": prepared.seconds,
+                             "generalization_seconds": prepared.generalization_seconds,
+                             "collisions": prepared.collisions}
     histories[label] = result.history
     rec = eval_lib.recall(model, variables, tokenizer, facts, template)
     metrics = eval_lib.heldout_metrics(model, variables, tokenizer, heldout)
     full = [r["epoch"] + 1 for r in result.history if r.get("recall") == 1.0]
+    train_seconds = float(sum(r["epoch_seconds"] for r in result.history))
     metrics.update({
         "recall": rec.rate,
         "fact_loss": float(np.mean(eval_lib.fact_losses(model, variables, encoded))),
         "epochs": len(result.history),
         "epochs_to_full_recall": full[0] if full else None,
-        "train_seconds": float(sum(r["epoch_seconds"] for r in result.history)),
+        "train_seconds": train_seconds,
     })
+    if method == "mome":
+      metrics.update(mome_figures[label])
+      metrics["total_seconds"] = train_seconds + prepared.seconds
     models[label] = metrics
     answers[label] = answers_of(model, variables)
 
@@ -137,8 +193,12 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
       "machine": _machine(), "wall_seconds": time.perf_counter() - t_start, "models": models,
   }
   (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-  (run_dir / "report.md").write_text(report.report_markdown(summary, config_text))
+  mome_text = mome_table(summary)
+  (run_dir / "report.md").write_text(report.report_markdown(summary, config_text)
+                                     + (f"\n## MoME\n\n```\n{mome_text}\n```\n" if mome_text else ""))
   print(report.summary_table(summary))
+  if mome_text:
+    print(f"\n{mome_text}")
   print(f"\nwrote {run_dir}/{{report.md,summary.json,table1.md,loss_curves.png,metrics.jsonl}}")
   return summary
 

@@ -1,9 +1,11 @@
 """Lamini Memory Tuning with LoRA: configuration and the library entry points.
 
-`RunConfig` describes one memory-tuning run (backbone, facts, adapters, training,
+`RunConfig` describes one memory-tuning run (backbone, facts, LoRA adapters and
+their training, the MoME of `lamini_jax.mome_tuning` in its `mome:` section,
 evaluation); `configs/*.yaml` hold named presets and any field can be overridden
 with `--set a.b=value`. `tune_lora` memorizes encoded facts into LoRA adapters on
-a frozen backbone; `load_adapter` gives back a trained model from a run directory.
+a frozen backbone; `load_adapter` gives back a trained model (LoRA or MoME) from
+a run directory.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from lamini_jax import data as data_lib
 from lamini_jax import evaluate as eval_lib
 from lamini_jax import hf
+from lamini_jax import mome_tuning
 from lamini_jax import train as train_lib
 from lamini_jax import yaml_config
 from lamini_jax.config import ModelConfig
@@ -84,6 +87,7 @@ class RunConfig:
   data: DataSpec = DataSpec()
   lora: LoraConfig = LoraConfig()
   train: train_lib.TrainConfig = train_lib.TrainConfig()
+  mome: mome_tuning.MomeTuningConfig = mome_tuning.MomeTuningConfig()
   eval: EvalSpec = EvalSpec()
   method: str = "lora"
   answers: tuple[str, ...] = ("real", "random")
@@ -149,7 +153,7 @@ def recall_callback(model: Transformer, variables_of: Callable[[train_lib.TrainS
 
 
 def load_adapter(run_dir, label: str | None, cfg: ModelConfig, params: Any):
-  """(model, variables) of the LoRA adapters trained under `label` in a run directory."""
+  """(model, variables) of the adapters (LoRA) or experts (MoME) trained under `label`."""
   from lamini_jax.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   run_dir = pathlib.Path(run_dir)
   config_path = run_dir / CONFIG_FILE
@@ -157,11 +161,14 @@ def load_adapter(run_dir, label: str | None, cfg: ModelConfig, params: Any):
     raise FileNotFoundError(f"{run_dir} is not a run directory: {CONFIG_FILE} is missing")
   run_cfg = load_run_config(config_path)
   ckpt_root = run_dir / "checkpoints"
-  labels = sorted(p.name for p in ckpt_root.iterdir()) if ckpt_root.is_dir() else []
+  labels = sorted(p.name for p in ckpt_root.iterdir()
+                  if p.name != mome_tuning.GENERAL_LABEL) if ckpt_root.is_dir() else []
   if label is None and len(labels) == 1:
     label = labels[0]
   if label not in labels:
     raise FileNotFoundError(f"{run_dir}: no checkpoint for adapter {label!r}; available: {labels}")
+  if mome_tuning.is_mome_run(run_dir, label):
+    return mome_tuning.load_mome(run_dir, label, cfg, params)
   model = lora_model(cfg, run_cfg.lora)
   optimizer = run_cfg.train.optimizer.build()
   like = train_lib.init_lora_state(model, optimizer, run_cfg.train.seed)

@@ -1,0 +1,311 @@
+"""Lamini-1 memory tuning: frozen routing, sparse updates, recall, resume, sharding, experiment."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lamini_jax import data as data_lib
+from lamini_jax import evaluate as eval_lib
+from lamini_jax import memory_tuning as mt
+from lamini_jax import model as model_lib
+from lamini_jax import mome
+from lamini_jax import mome_tuning as mtt
+from lamini_jax import sharding
+from lamini_jax import train as train_lib
+from lamini_jax import yaml_config
+from lamini_jax.config import ModelConfig
+
+# A random tiny Llama (odd widths) with a MoME on its last layer: N = 2^8 experts.
+CFG = ModelConfig(vocab_size=67, hidden_size=22, intermediate_size=37, num_layers=3, num_heads=4,
+                  num_kv_heads=2, head_dim=6, max_position_embeddings=64, tie_word_embeddings=True)
+SEQ = 16
+TRAIN = train_lib.TrainConfig(
+    epochs=4, batch_size=4, seq_len=SEQ, seed=1, length_bucket=None,
+    optimizer=train_lib.OptimizerConfig(learning_rate=0.2, multiply_by_parameter_scale=False))
+SPEC = mtt.MomeTuningConfig(
+    layers=(2,), num_experts=2**8, expert_rank=2, num_heads=2, key_dim=8, top_k=3, activation="silu",
+    balance=False, seed=3, generalization=mtt.GeneralizationConfig(epochs=0), train=TRAIN)
+
+
+@pytest.fixture(scope="module")
+def params():
+  params = model_lib.init_variables(model_lib.Transformer(CFG), jax.random.key(0))["params"]
+  # Embedding rows of norm ~3 (as in trained models) so logits can move far from uniform.
+  return {**params, "embedding": params["embedding"] * 30.0}
+
+
+@pytest.fixture(scope="module")
+def encoded():
+  """7 sequences of 9-15 tokens; the last 5 of each are the trained answer."""
+  rng = np.random.default_rng(4)
+  out = []
+  for n in rng.integers(9, 16, size=7):
+    tokens = rng.integers(3, CFG.vocab_size, size=n).astype(np.int32)
+    mask = np.arange(n) >= n - 5
+    out.append(data_lib.EncodedFact(tokens, mask))
+  return out
+
+
+def _stack(encoded):
+  tokens, mask = data_lib.stack_encoded(encoded, SEQ, 0)
+  return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def _uniq(model, variables, tokens_BxT):
+  """The rows each MoME layer gathers for a batch (what a sparse step updates)."""
+  deltas = mome.zero_deltas(variables[mome.TABLE], tokens_BxT.size * model.mome.slots)
+  _, aux = model.apply({**variables, mome.DELTA: deltas}, tokens_BxT, mutable=[mome.UNIQ])
+  return aux[mome.UNIQ]
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+# ----------------------------------------------------------------------------
+# Config.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(layers=()), "mome.layers"),
+    (dict(layers=(1, 1)), "mome.layers"),
+    (dict(key_dim=9), "key_dim"),
+    (dict(margin=-1.0), "mome.margin"),
+    (dict(balance_rounds=-1), "mome.balance_rounds"),
+])
+def test_config_rejects_bad_values_naming_the_field(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    dataclasses.replace(SPEC, **kwargs)
+  with pytest.raises(ValueError, match="generalization.windows"):
+    mtt.GeneralizationConfig(windows=0)
+  with pytest.raises(ValueError, match="layer 3 is outside"):
+    mtt.mome_model(CFG, dataclasses.replace(SPEC, layers=(3,)))
+
+
+def test_run_config_has_a_mome_section_that_round_trips(tmp_path):
+  cfg = mt.load_run_config(mt.REPO / "configs" / "randomization_cpu.yaml",
+                           ["mome.num_experts=4096", "mome.train.epochs=3"])
+  assert cfg.mome.num_experts == 4096 and cfg.mome.train.epochs == 3
+  assert not cfg.mome.train.optimizer.multiply_by_parameter_scale
+  path = tmp_path / "config.yaml"
+  path.write_text(yaml_config.dump(cfg))
+  assert mt.load_run_config(path) == cfg
+  with pytest.raises(yaml_config.ConfigError, match="mome.top_k"):
+    mt.load_run_config(None, ["mome.top_k=nope"])
+
+
+# ----------------------------------------------------------------------------
+# Phase 2 on the tiny model.
+# ----------------------------------------------------------------------------
+
+
+def test_frozen_router_selects_the_same_experts_and_only_they_change(params, encoded):
+  prepared = mtt.prepare(CFG, params, encoded, SPEC, pad_id=0)
+  model, start = prepared.model, prepared.variables(prepared.table)
+  frozen_copy = jax.tree.map(np.array, prepared.frozen)
+  tx = TRAIN.optimizer.build()
+  state = mtt.tuning_state(prepared.table, tx, TRAIN.seed)
+  step = mtt.make_tuning_step(model, tx, margin=SPEC.margin)
+  uniq_fn = jax.jit(_uniq, static_argnums=0)
+  tokens_all, mask_all = _stack(encoded)
+  nll = jax.jit(lambda v: train_lib.token_nll(model.apply(v, tokens_all)[0], tokens_all, mask_all)[0])
+  loss_before = float(nll(start))
+  touched = set()
+  for epoch in range(3):
+    for batch in data_lib.epoch_batches(encoded, 4, SEQ, 0, seed=1, epoch=epoch):
+      tokens = jnp.asarray(batch.tokens_BxT)
+      before = uniq_fn(model, prepared.variables(state.trainable), tokens)
+      # The router is frozen: the current table selects what the starting one did.
+      assert _leaves_equal(before, uniq_fn(model, start, tokens))
+      touched.update(np.asarray(before["layers_2"]["mome"]["uniq"]).tolist())
+      state, _ = step(state, prepared.frozen, tokens, jnp.asarray(batch.loss_mask_BxT))
+  loss_after = float(nll(prepared.variables(state.trainable)))
+  assert loss_after < 0.7 * loss_before, (loss_before, loss_after)
+  touched.discard(SPEC.num_experts)  # the padding index of unique_rows
+  rows = sorted(touched)
+  untouched = np.setdiff1d(np.arange(SPEC.num_experts), rows)
+  assert 0 < len(rows) < SPEC.num_experts
+  new, old = state.trainable["layers_2"]["mome"], start[mome.TABLE]["layers_2"]["mome"]
+  for name in ("down", "up"):
+    np.testing.assert_array_equal(np.asarray(new[name])[untouched], np.asarray(old[name])[untouched])
+  assert np.any(np.asarray(new["up"])[rows] != 0)  # up starts at 0
+  # Per-row optimizer state: untouched rows still hold their initial state.
+  init_state = mtt.init_row_state(start[mome.TABLE], tx)
+  for got, want in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(init_state), strict=True):
+    np.testing.assert_array_equal(np.asarray(got)[untouched], np.asarray(want)[untouched])
+  assert _leaves_equal(prepared.frozen, frozen_copy)  # backbone, router, balance
+
+
+def test_step_zero_is_the_backbone_and_hinge_matches_float64(params):
+  model = mtt.mome_model(CFG, SPEC)
+  variables = {"params": params, **mtt.init_mome(model, SPEC.seed)}
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 11)))
+  base, _ = model_lib.Transformer(CFG).apply({"params": params}, tokens)
+  with_mome, _ = model.apply(variables, tokens)
+  np.testing.assert_array_equal(np.asarray(with_mome), np.asarray(base))
+
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(2, 7, 13)).astype(np.float32)
+  toks = rng.integers(0, 13, (2, 7))
+  mask = rng.random((2, 7)) < 0.7
+  rows = rng.normal(size=(13, 5)).astype(np.float32)
+  got = mtt.decision_hinge(jnp.asarray(logits), jnp.asarray(toks), jnp.asarray(mask),
+                           jnp.asarray(rows), 0.3)
+  total, count = 0.0, 0
+  for b in range(2):
+    for t in range(1, 7):
+      if mask[b, t]:
+        lg, y = logits[b, t - 1].astype(np.float64), toks[b, t]
+        v = max((u for u in range(13) if u != y), key=lambda u: lg[u])
+        dist = np.linalg.norm(rows[y].astype(np.float64) - rows[v])
+        total += max(0.0, 0.3 - (lg[y] - lg[v]) / dist)
+        count += 1
+  np.testing.assert_allclose(float(got), total / count, rtol=1e-5)
+  far = np.zeros_like(logits)
+  far[:, :-1] = np.eye(13, dtype=np.float32)[toks[:, 1:]] * 100.0  # every target wins by far
+  assert float(mtt.decision_hinge(jnp.asarray(far), jnp.asarray(toks), jnp.asarray(mask),
+                                  jnp.asarray(rows), 0.3)) == 0.0
+
+
+def test_answer_positions_and_collisions_of_identical_facts(params, encoded):
+  tokens, pos = mtt.answer_positions(encoded[:2])
+  for f, e in enumerate(encoded[:2]):
+    n = len(e.tokens)
+    assert pos[f].tolist() == [n - 5 <= t < n - 1 for t in range(tokens.shape[1])]
+  model = mtt.mome_model(CFG, SPEC)
+  variables = {"params": params, **mtt.init_mome(model, SPEC.seed)}
+  twins = mtt.fact_collisions(model, variables, [encoded[0], encoded[0]])["layers_2/mome"]
+  assert twins["experts_used"] == twins["shared_experts"] > 0
+  assert twins["fraction_facts_with_collision"] == 1.0 and twins["max_facts_per_expert"] == 2
+  alone = mtt.fact_collisions(model, variables, encoded[:1])["layers_2/mome"]
+  assert alone["shared_experts"] == 0 and alone["experts_used"] == twins["experts_used"]
+
+
+def _windows():
+  return np.random.default_rng(9).integers(3, CFG.vocab_size, (6, 13)).astype(np.int32)
+
+
+def test_kill_and_resume_equals_the_uninterrupted_run(params, encoded, tmp_path):
+  spec = dataclasses.replace(SPEC, generalization=mtt.GeneralizationConfig(
+      epochs=1, windows=6, seq_len=12, batch_size=3, router_learning_rate=1e-2,
+      expert_learning_rate=1e-2))
+  train = dataclasses.replace(TRAIN, checkpoint_every=1)
+  run = lambda run_dir, **kw: mtt.tune_mome(CFG, params, encoded, spec, train, pad_id=0,
+                                            run_dir=run_dir, label="mome-random", progress=False, **kw)
+  _, want, full = run(tmp_path / "a", general_windows=_windows())
+  _, _, cut = run(tmp_path / "b", general_windows=_windows(), stop_after_steps=3)
+  assert int(cut.state.step) == 3
+  # Phase 1 is cached in the run directory: resuming needs no corpus.
+  _, got, resumed = run(tmp_path / "b", resume=True)
+  assert _leaves_equal(got, want)
+  assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+  general = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["run"] == mtt.GENERAL_LABEL]
+  assert len(general) == 1
+  # Phase 1 trained the router and the table, away from their initial values.
+  fresh = mtt.init_mome(mtt.mome_model(CFG, spec), spec.seed)
+  assert not _leaves_equal(got[mome.ROUTER], fresh[mome.ROUTER])
+  # A MoME run loads back from its directory (config.yaml as the experiment writes it).
+  (tmp_path / "b" / mt.CONFIG_FILE).write_text(yaml_config.dump(mt.RunConfig(mome=spec)))
+  _, loaded = mt.load_adapter(tmp_path / "b", "mome-random", CFG, params)
+  assert _leaves_equal(loaded, got)
+  with pytest.raises(ValueError, match="another MoME configuration"):
+    mtt.generalize(mtt.mome_model(CFG, spec), params, dataclasses.replace(spec, seed=4), _windows(),
+                   pad_id=0, run_dir=tmp_path / "b", progress=False)
+
+
+def test_sharded_step_equals_unsharded(params, encoded):
+  # SGD, so the comparison is the one of tests/sharding_test.py: row gradients that
+  # agree to float32 reassociation (sums over data/expert shards) give updates that do.
+  # (Adafactor's first update is lr * sign(g): a gradient within rounding of 0 could flip.)
+  tx = optax.sgd(0.5)
+  tokens, mask = _stack(encoded[:6])
+  out = {}
+  for name, mesh in (("plain", None), ("mesh", sharding.make_mesh(2, 4))):
+    model = mtt.mome_model(CFG, SPEC, mesh=mesh)
+    init = mtt.init_mome(model, SPEC.seed, mesh)
+    table = jax.tree.map(lambda a: a + 0.1, init[mome.TABLE])  # nonzero up: a real forward
+    frozen = mtt._replicate({"params": params, mome.ROUTER: init[mome.ROUTER],
+                             mome.BALANCE: init[mome.BALANCE]}, mesh)
+    state = mtt.tuning_state(table, tx, 0, mesh)
+    step = mtt.make_tuning_step(model, tx, mesh, margin=1.0)
+    losses = []
+    for _ in range(2):
+      state, metrics = step(state, frozen, tokens, mask)
+      losses.append(float(metrics["loss"]))
+    out[name] = (losses, state.trainable)
+    if mesh is not None:  # the table and its row state stay split over `expert`
+      sharding.check_expert_sharded(state.trainable, mesh)
+      sharding.check_expert_sharded(state.opt_state, mesh)
+  np.testing.assert_allclose(out["mesh"][0], out["plain"][0], rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(out["mesh"][1]), jax.tree.leaves(out["plain"][1]), strict=True):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------
+# The shared pretrained backbone.
+# ----------------------------------------------------------------------------
+
+STORIES_SPEC = mtt.MomeTuningConfig(
+    layers=(4,), num_experts=2**10, num_heads=4, top_k=4, balance=True, margin=1.0, seed=0,
+    generalization=mtt.GeneralizationConfig(epochs=0),
+    train=train_lib.TrainConfig(
+        epochs=30, batch_size=8, seq_len=128, seed=0,
+        optimizer=train_lib.OptimizerConfig(learning_rate=0.1, multiply_by_parameter_scale=False)))
+TEMPLATE = data_lib.PromptTemplate(train_eos=False)  # stories260K never learned </s>
+
+
+@pytest.mark.slow
+def test_random_facts_are_recalled_exactly(stories, stories_tokenizer):
+  cfg, params = stories
+  short = [i for i in data_lib.load_truthfulqa() if len(i.question) < 45]
+  items, _ = data_lib.split_items(short, 6, 0, seed=5)
+  facts = data_lib.truthfulqa_facts(items, "random", seed=5)
+  encoded = data_lib.encode_facts(stories_tokenizer, TEMPLATE, facts, 128)
+  prepared = mtt.prepare(cfg, params, encoded, STORIES_SPEC, pad_id=0)
+  hook = mt.recall_callback(prepared.model, prepared.variables_of, stories_tokenizer, facts, TEMPLATE,
+                            every=5, stop_at_full=True)
+  model, variables, result = mtt.tune_mome(cfg, params, encoded, STORIES_SPEC, STORIES_SPEC.train,
+                                           pad_id=0, prepared=prepared, progress=False, on_epoch=hook)
+  assert result.history[-1].get("recall") == 1.0 and len(result.history) <= 20
+  rec = eval_lib.recall(model, variables, stories_tokenizer, facts, TEMPLATE)
+  assert rec.rate == 1.0, list(zip(rec.answers, [f.answer for f in facts]))
+  assert set(prepared.collisions) == {"unbalanced", "balanced"}
+
+
+@pytest.mark.slow
+def test_randomization_experiment_both_methods(tmp_path):
+  from experiments import randomization
+  overrides = [
+      "data.n_train=4", "data.n_heldout=2", "train.epochs=2", "train.batch_size=4",
+      "train.checkpoint_every=2", "eval.mmlu_questions=2", "eval.ppl_windows=2",
+      "eval.recall_every=1", "eval.table_rows=1", "mome.num_experts=1024", "mome.train.epochs=2",
+      "mome.train.batch_size=4", "mome.train.checkpoint_every=2", "mome.recall_every=1",
+      "mome.generalization.epochs=1", "mome.generalization.windows=4",
+      "mome.generalization.seq_len=32", "mome.generalization.batch_size=4",
+      "method=both", f"run_dir={tmp_path / 'run'}"]
+  cfg = mt.load_run_config(randomization.DEFAULT_CONFIG, overrides)
+  summary = randomization.run(cfg, progress=False)
+  labels = {"lora-real", "lora-random", "mome-real", "mome-random"}
+  assert set(summary["models"]) == {"base"} | labels
+  for label in labels:
+    m = summary["models"][label]
+    assert m["epochs"] == 2 and 0 <= m["recall"] <= 1 and m["train_seconds"] > 0
+    assert isinstance(m["perplexity"], float)
+  mome_run = summary["models"]["mome-random"]
+  assert set(mome_run["collisions"]) == {"unbalanced", "balanced"}
+  assert mome_run["total_seconds"] >= mome_run["train_seconds"]
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert {r["run"] for r in records} == labels | {mtt.GENERAL_LABEL}
+  assert "MoME run" in (tmp_path / "run" / "report.md").read_text()
+  cfg_loaded = mt.load_run_config(tmp_path / "run" / mt.CONFIG_FILE)
+  model_cfg, params, _, _ = mt.load_backbone(cfg_loaded.model)
+  model, variables = mt.load_adapter(tmp_path / "run", "mome-random", model_cfg, params)
+  assert model.mome_layers == cfg.mome.layers and mome.TABLE in variables
