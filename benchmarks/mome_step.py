@@ -171,7 +171,7 @@ def format_table(bench: BenchConfig, results: list[dict]) -> str:
 
 
 def _full_batch(batch_size: int):
-  """(config, params, tokens_BxT, mask_BxT): stories260K and the first batch of random facts."""
+  """(config, params, facts, tokens_BxT, mask_BxT): stories260K and the first batch of random facts."""
   from lamini_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from lamini_jax import memory_tuning as mt  # pylint: disable=g-import-not-at-top
   run_cfg = mt.load_run_config(mt.REPO / "configs" / "randomization_cpu.yaml")
@@ -181,19 +181,19 @@ def _full_batch(batch_size: int):
   train = run_cfg.mome.train
   batch = next(iter(data_lib.epoch_batches(encoded, batch_size, train.seq_len, 0, train.seed, 0,
                                            train.length_bucket)))
-  return model_cfg, params, jnp.asarray(batch.tokens_BxT), jnp.asarray(batch.loss_mask_BxT)
+  return model_cfg, params, encoded, jnp.asarray(batch.tokens_BxT), jnp.asarray(batch.loss_mask_BxT)
 
 
 class _FullRunner:
   """One memory-tuning step variant at one N: its donated train state."""
 
-  def __init__(self, make_step, model_cfg, params, spec, tx, tokens_BxT, mask_BxT):
+  def __init__(self, make_step, model_cfg, params, spec, tx, tokens_BxT, mask_BxT, **step_kwargs):
     from lamini_jax import mome_tuning as mtt  # pylint: disable=g-import-not-at-top
     model = mtt.mome_model(model_cfg, spec)
     init = mtt.init_mome(model, spec.seed)
     self.frozen = {"params": params, mome.ROUTER: init[mome.ROUTER], mome.BALANCE: init[mome.BALANCE]}
     self.state = mtt.tuning_state(init[mome.TABLE], tx, 0)
-    self.step = make_step(model, tx, margin=spec.margin)
+    self.step = make_step(model, tx, margin=spec.margin, **step_kwargs)
     self.batch = (tokens_BxT, mask_BxT)
     self.times = []
 
@@ -208,7 +208,7 @@ class _FullRunner:
 def run_full(bench: BenchConfig, layers: tuple[int, ...], batch_size: int) -> tuple[list[dict], tuple]:
   """Median seconds of the sparse and the dense full step per N; sparse sizes round-robin."""
   from lamini_jax import mome_tuning as mtt  # pylint: disable=g-import-not-at-top
-  model_cfg, params, tokens_BxT, mask_BxT = _full_batch(batch_size)
+  model_cfg, params, encoded, tokens_BxT, mask_BxT = _full_batch(batch_size)
   tx = optax.adafactor(bench.learning_rate, multiply_by_parameter_scale=False)
 
   def spec(log2_n):
@@ -216,7 +216,8 @@ def run_full(bench: BenchConfig, layers: tuple[int, ...], batch_size: int) -> tu
         layers=layers, num_experts=2**log2_n, expert_rank=bench.expert_rank,
         num_heads=bench.num_heads, key_dim=bench.key_dim, top_k=bench.top_k)
 
-  sparse = {n: _FullRunner(mtt.make_tuning_step, model_cfg, params, spec(n), tx, tokens_BxT, mask_BxT)
+  sparse = {n: _FullRunner(mtt.make_tuning_step, model_cfg, params, spec(n), tx, tokens_BxT, mask_BxT,
+                           rows=mtt.focus_rows(encoded, batch_size, spec(n)))
             for n in bench.log2_sizes}
   for i in range(bench.warmup + bench.reps):
     for runner in sparse.values():

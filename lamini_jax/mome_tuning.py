@@ -85,6 +85,8 @@ class GeneralizationConfig:
         raise ValueError(f"mome.generalization.{name} must be positive, got {getattr(self, name)}")
 
 
+TRAIN_POSITIONS = ("answer", "all")
+
 _DEFAULT_TRAIN = train_lib.TrainConfig(
     epochs=20, batch_size=32, seq_len=192, checkpoint_every=50,
     optimizer=train_lib.OptimizerConfig(learning_rate=0.1, multiply_by_parameter_scale=False))
@@ -104,6 +106,9 @@ class MomeTuningConfig:
   entropy only). `train` is phase 2: its optimizer is applied per expert row
   (keep Adafactor's `multiply_by_parameter_scale` off, since `up` starts at 0).
   `recall_every`: epochs between exact-match recall checks in experiments.
+  `train_positions`: "answer" (phase 2 trains only the experts selected at the
+  positions that predict a trained token, `answer_positions`; the experts of
+  prompt tokens, which general text selects too, stay as they were) or "all".
   """
 
   layers: tuple[int, ...] = (3, 4)
@@ -118,6 +123,7 @@ class MomeTuningConfig:
   balance_rate: float = 0.15
   margin: float = 1.0
   recall_every: int = 2
+  train_positions: str = "answer"
   seed: int = 0
   generalization: GeneralizationConfig = GeneralizationConfig()
   train: train_lib.TrainConfig = _DEFAULT_TRAIN
@@ -131,6 +137,9 @@ class MomeTuningConfig:
     if self.balance_rounds < 0 or self.balance_rate < 0:
       raise ValueError(f"mome.balance_rounds={self.balance_rounds} and mome.balance_rate="
                        f"{self.balance_rate} must be >= 0")
+    if self.train_positions not in TRAIN_POSITIONS:
+      raise ValueError(f"mome.train_positions must be one of {list(TRAIN_POSITIONS)}, got"
+                       f" {self.train_positions!r}")
     self.layer_config(2)  # validates the layer fields
 
   def layer_config(self, embed_dim: int) -> mome.MomeConfig:
@@ -237,29 +246,67 @@ def decision_hinge(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, mask_BxT: jax
   return jnp.sum(jax.nn.relu(margin - gap_BxT / dist_BxT) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def focus_positions(mask_BxT: jax.Array) -> jax.Array:
+  """[B, T] bool: the positions that predict a trained token (t where mask[t + 1] > 0)."""
+  return jnp.pad(mask_BxT[:, 1:] > 0, ((0, 0), (0, 1)))
+
+
+def _focus(model: Transformer, mask_BxT: jax.Array) -> dict[str, Any]:
+  focus = focus_positions(mask_BxT)
+  tree: dict[str, Any] = {}
+  for path in layer_paths(model):
+    tree = _set(tree, path, {"mask": focus})
+  return {mome.FOCUS: tree}
+
+
+def focus_rows(encoded: Sequence[data_lib.EncodedFact], batch_size: int, spec: MomeTuningConfig) -> int:
+  """Rows a phase-2 step with `train_positions="answer"` gathers per layer: a bound that holds.
+
+  A batch has at most batch_size * (most trained tokens of one fact) focus
+  positions, each selecting K experts, plus the padding index; and there are
+  only N + 1 distinct indices.
+  """
+  most = max(int(np.count_nonzero(e.loss_mask[1:])) for e in encoded)
+  cfg = spec.layer_config(2)
+  return min(batch_size * most * cfg.slots, cfg.num_experts) + 1
+
+
 def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
-                     mesh: Mesh | None = None, margin: float = 0.0) -> Callable:
+                     mesh: Mesh | None = None, margin: float = 0.0,
+                     train_positions: str = "answer", rows: int | None = None) -> Callable:
   """Phase 2, jitted with the state donated: sparse row updates of the expert tables.
 
   `frozen` holds "params" (backbone), "mome_router" and "mome_balance"; the
   state's `trainable` is the "mome" collection, its `opt_state` the per-row
   optimizer state. Only the gathered rows ("mome_delta") are differentiated.
+  With `train_positions="answer"` those are the experts of the positions that
+  predict a trained token ("mome_focus"), at most `rows` per layer
+  (`focus_rows`; default tokens * K). A batch with more focus positions than
+  `rows` allows gets a NaN loss, which `train.fit` reports, never a silently
+  partial update.
   """
   slots = model.mome.slots
+  focused = train_positions == "answer"
 
   def loss_fn(deltas, tables, frozen, tokens_BxT, mask_BxT):
-    (logits, _), aux = model.apply({**frozen, mome.TABLE: tables, mome.DELTA: deltas}, tokens_BxT,
-                                   mutable=[mome.UNIQ])
+    focus = _focus(model, mask_BxT) if focused else {}
+    (logits, _), aux = model.apply({**frozen, **focus, mome.TABLE: tables, mome.DELTA: deltas},
+                                   tokens_BxT, mutable=[mome.UNIQ])
     objective, nll = _objective(model, frozen, logits, tokens_BxT, mask_BxT, margin)
     return objective, (*nll, aux[mome.UNIQ])
 
   def step(state: train_lib.TrainState, frozen, tokens_BxT, mask_BxT):
-    deltas = mome.zero_deltas(state.trainable, tokens_BxT.size * slots)
+    num_rows = tokens_BxT.size * slots if rows is None or not focused else rows
+    deltas = mome.zero_deltas(state.trainable, num_rows)
     (_, (loss, row_sum, row_count, uniqs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         deltas, state.trainable, frozen, tokens_BxT, mask_BxT)
     tables, opt_state = mome.sparse_step_layers(state.trainable, state.opt_state, grads, uniqs,
                                                 tx=tx, mesh=mesh)
     new_state = state.replace(step=state.step + 1, trainable=tables, opt_state=opt_state)
+    if focused:
+      needed = jnp.minimum(jnp.sum(focus_positions(mask_BxT)) * slots, model.mome.num_experts) + 1
+      overflow = needed > num_rows
+      loss, row_sum = (jnp.where(overflow, jnp.nan, a) for a in (loss, row_sum))
     return new_state, _metrics(loss, row_sum, row_count)
 
   return jax.jit(step, donate_argnums=0)
@@ -441,15 +488,17 @@ _route = jax.jit(mome.route, static_argnums=2)
 
 
 def answer_positions(encoded: Sequence[data_lib.EncodedFact]) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens [F, T], positions [F, T] bool): each fact's answer tokens.
+  """(tokens [F, T], positions [F, T] bool): the positions that produce each fact's answer.
 
-  Position t is marked when token t is a trained token and so is token t + 1:
-  the fact's own answer tokens, as inputs that predict its next trained token.
+  Position t is marked when token t + 1 is trained (an answer token, the answer
+  end or EOS): the last prompt token through the last answer token. The last
+  prompt token, where the question is summed up, is the one that picks the
+  first answer token.
   """
   seq_len = -(-max(len(e.tokens) for e in encoded) // 32) * 32
   tokens, mask = data_lib.stack_encoded(encoded, seq_len, 0)
   pred = np.zeros(mask.shape, bool)
-  pred[:, :-1] = (mask[:, :-1] > 0) & (mask[:, 1:] > 0)
+  pred[:, :-1] = mask[:, 1:] > 0
   return tokens, pred
 
 
@@ -624,7 +673,8 @@ def tune_mome(cfg: ModelConfig, params: Any, encoded: Sequence[data_lib.EncodedF
                        progress=progress, mesh=mesh, gather_apply=gather_apply)
   tx = train_cfg.optimizer.build()
   state = tuning_state(prepared.table, tx, train_cfg.seed, mesh)
-  step = make_tuning_step(prepared.model, tx, mesh, mome_cfg.margin)
+  step = make_tuning_step(prepared.model, tx, mesh, mome_cfg.margin, mome_cfg.train_positions,
+                          focus_rows(encoded, train_cfg.batch_size, mome_cfg))
   result = train_lib.fit(step, state, prepared.frozen, encoded, train_cfg, pad_id=pad_id, label=label,
                          run_dir=run_dir, resume=resume, progress=progress, on_epoch=on_epoch,
                          stop_after_steps=stop_after_steps)

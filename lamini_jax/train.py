@@ -242,6 +242,10 @@ def fit(step_fn: Callable, state: TrainState, frozen: Any, encoded: Sequence[dat
     if pending is not None:
       epoch_acc.add(*pending)
     fact_loss = epoch_acc.fact_loss()
+    if not np.all(np.isfinite(fact_loss)):
+      bad = np.flatnonzero(~np.isfinite(fact_loss))
+      raise FloatingPointError(f"{label}: epoch {epoch}: non-finite loss for {len(bad)} facts"
+                               f" (first: fact {bad[0]}); the step diverged or overflowed its bounds")
     record = {"run": label, "epoch": epoch, "step": first_step + steps_done,
               "loss": float(np.mean(fact_loss)), "max_fact_loss": float(np.max(fact_loss)),
               "frac_below_stop": (float(np.mean(fact_loss < cfg.stop_loss))

@@ -68,7 +68,7 @@ def test_config_grid_splits_non_square_sizes():
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n1, n2, k", [(15, 17, 7), (3, 5, 7), (3, 5, 4), (11, 2, 22)])
+@pytest.mark.parametrize("n1, n2, k", [(15, 17, 7), (3, 5, 7), (3, 5, 4), (11, 2, 22), (64, 48, 3)])
 def test_product_key_topk_equals_brute_force_with_ties(n1, n2, k):
   # Small integers: sums are exact in float32 and full of ties, so indices must
   # follow the documented order (score desc, expert index asc) exactly.
@@ -80,6 +80,18 @@ def test_product_key_topk_equals_brute_force_with_ties(n1, n2, k):
   want_scores, want_experts = _brute_topk(full, k)
   np.testing.assert_array_equal(np.asarray(experts), want_experts)
   np.testing.assert_array_equal(np.asarray(scores), want_scores)
+
+
+@pytest.mark.parametrize("n, k", [(64, 1), (64, 2), (512, 2), (1000, 7), (96, 11), (20, 3)])
+def test_exact_topk_equals_brute_force_with_ties(n, k):
+  # Few distinct values: many ties, so the index order (lower index first) is tested.
+  rng = np.random.default_rng(n + k)
+  s = rng.integers(-4, 5, size=(3, 5, n)).astype(np.float32)
+  s[0, 0] = 0.0  # all tied
+  values, idx = jax.jit(mome.exact_topk, static_argnums=1)(jnp.asarray(s), k)
+  want_values, want_idx = _brute_topk(s.astype(np.float64), k)
+  np.testing.assert_array_equal(np.asarray(idx), want_idx)
+  np.testing.assert_array_equal(np.asarray(values), want_values)
 
 
 def test_route_equals_dense_cross_attention_over_all_keys():

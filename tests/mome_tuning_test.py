@@ -143,6 +143,34 @@ def test_frozen_router_selects_the_same_experts_and_only_they_change(params, enc
   assert _leaves_equal(prepared.frozen, frozen_copy)  # backbone, router, balance
 
 
+def test_answer_focus_trains_only_experts_of_positions_that_predict_answers(params, encoded):
+  # MoME at layer 1: the experts of prompt positions reach the loss through later attention.
+  spec = dataclasses.replace(SPEC, layers=(1,))
+  prepared = mtt.prepare(CFG, params, encoded, spec, pad_id=0)
+  model, start = prepared.model, prepared.variables(prepared.table)
+  tokens, mask = _stack(encoded[:4])
+  x = mtt.mome_inputs(model, start, tokens)["layers_1/mome"]
+  router = start[mome.ROUTER]["layers_1"]["mome"]
+  idx_TxK, _ = mome.route(router, x.reshape(-1, CFG.hidden_size), model.mome,
+                          start[mome.BALANCE]["layers_1"]["mome"])
+  focus = np.asarray(mtt.focus_positions(mask))
+  np.testing.assert_array_equal(focus[:, :-1], np.asarray(mask)[:, 1:] > 0)
+  idx = np.asarray(idx_TxK).reshape(*focus.shape, -1)
+  prompt_only = np.setdiff1d(idx[~focus], idx[focus])
+  assert len(prompt_only) > 0 and len(np.unique(idx[focus])) > 0
+  tx = TRAIN.optimizer.build()
+  up = {}
+  for positions in ("answer", "all"):
+    step = mtt.make_tuning_step(model, tx, margin=SPEC.margin, train_positions=positions)
+    state, _ = step(mtt.tuning_state(prepared.table, tx, 0), prepared.frozen, tokens, mask)
+    up[positions] = np.asarray(state.trainable["layers_1"]["mome"]["up"])
+  assert not np.any(up["answer"][prompt_only])  # up starts at 0 and got no gradient
+  assert np.any(up["all"][prompt_only])
+  assert np.all(np.any(up["answer"][np.unique(idx[focus])] != 0, axis=(1, 2)))
+  with pytest.raises(ValueError, match="mome.train_positions"):
+    dataclasses.replace(SPEC, train_positions="prompt")
+
+
 def test_step_zero_is_the_backbone_and_hinge_matches_float64(params):
   model = mtt.mome_model(CFG, SPEC)
   variables = {"params": params, **mtt.init_mome(model, SPEC.seed)}
@@ -178,7 +206,7 @@ def test_answer_positions_and_collisions_of_identical_facts(params, encoded):
   tokens, pos = mtt.answer_positions(encoded[:2])
   for f, e in enumerate(encoded[:2]):
     n = len(e.tokens)
-    assert pos[f].tolist() == [n - 5 <= t < n - 1 for t in range(tokens.shape[1])]
+    assert pos[f].tolist() == [n - 6 <= t < n - 1 for t in range(tokens.shape[1])]
   model = mtt.mome_model(CFG, SPEC)
   variables = {"params": params, **mtt.init_mome(model, SPEC.seed)}
   twins = mtt.fact_collisions(model, variables, [encoded[0], encoded[0]])["layers_2/mome"]
