@@ -58,13 +58,30 @@ def _general_windows(cfg: mt.RunConfig, tokenizer) -> np.ndarray | None:
   g = cfg.mome.generalization
   if not g.epochs:
     return None
+  path = _data_path(cfg, g.corpus, "mome.generalization.corpus")
+  return data_lib.corpus_windows(tokenizer, path, g.seq_len, g.windows)
+
+
+def _data_path(cfg: mt.RunConfig, relative: str, field: str) -> pathlib.Path:
+  """A data file named relative to the data directory (unless absolute); an error names `field`."""
   root = data_lib.resolve_data_dir(cfg.data.data_dir)
-  path = pathlib.Path(g.corpus)
+  path = pathlib.Path(relative)
   if not path.is_absolute() and root is not None:
     path = root / path
   if not path.is_file():
-    raise FileNotFoundError(f"mome.generalization.corpus: {path} not found")
-  return data_lib.corpus_windows(tokenizer, path, g.seq_len, g.windows)
+    raise FileNotFoundError(f"{field}: {path} not found")
+  return path
+
+
+def _anchors(cfg: mt.RunConfig, tokenizer, template, pad_id: int) -> dict[str, np.ndarray] | None:
+  """The phase-2 anchor pool of a MoME run (None when the anchors are off)."""
+  a = cfg.mome.anchor
+  if not a.weight:
+    return None
+  corpus = _data_path(cfg, a.corpus, "mome.anchor.corpus") if a.windows and a.corpus else None
+  spare = mt.spare_truthfulqa(cfg.data, a.questions) if a.questions else []
+  return mome_tuning.anchor_sequences(tokenizer, template, a, [(i.question, i.best_answer) for i in spare],
+                                      corpus, pad_id=pad_id)
 
 
 def mome_table(summary: dict[str, Any]) -> str:
@@ -148,10 +165,14 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
           resume=resume, progress=progress)
       hook = mt.recall_callback(prepared.model, prepared.variables_of, tokenizer, facts, template,
                                 cfg.mome.recall_every, cfg.eval.stop_at_full_recall)
+      t_anchor = time.perf_counter()
+      anchors = _anchors(cfg, tokenizer, template, pad_id)
+      prepare_seconds = prepared.seconds + time.perf_counter() - t_anchor
       model, variables, result = mome_tuning.tune_mome(
           model_cfg, params, encoded, cfg.mome, train_cfg, pad_id=pad_id, run_dir=run_dir,
-          label=label, resume=resume, progress=progress, on_epoch=hook, prepared=prepared)
-      mome_figures[label] = {"prepare_seconds": prepared.seconds,
+          label=label, resume=resume, progress=progress, on_epoch=hook, prepared=prepared,
+          anchors=anchors)
+      mome_figures[label] = {"prepare_seconds": prepare_seconds,
                              "generalization_seconds": prepared.generalization_seconds,
                              "collisions": prepared.collisions}
     histories[label] = result.history
@@ -168,7 +189,7 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
     })
     if method == "mome":
       metrics.update(mome_figures[label])
-      metrics["total_seconds"] = train_seconds + prepared.seconds
+      metrics["total_seconds"] = train_seconds + metrics["prepare_seconds"]
     models[label] = metrics
     answers[label] = answers_of(model, variables)
 

@@ -204,3 +204,10 @@ def facts_and_heldout(spec: DataSpec, answers: str):
   _, held = data_lib.split_items(tqa, 0, spec.n_heldout, spec.seed)
   return data_lib.mmlu_facts(trained, answers, spec.seed), held, trained
 
+
+
+def spare_truthfulqa(spec: DataSpec, count: int) -> list[data_lib.TruthfulQAItem]:
+  """Up to `count` TruthfulQA items that this run neither trains nor holds out."""
+  n_train = spec.n_train if spec.dataset == "truthfulqa" else 0
+  items = data_lib.load_truthfulqa(spec.data_dir)
+  return data_lib.spare_items(items, n_train, spec.n_heldout, spec.seed, count)

@@ -85,6 +85,44 @@ class GeneralizationConfig:
         raise ValueError(f"mome.generalization.{name} must be positive, got {getattr(self, name)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class AnchorConfig:
+  """Phase-2 anchors: text on which the MoME layers must stay silent. `weight = 0`: off.
+
+  Each phase-2 step runs `batch_size` anchor sequences beside the facts and adds
+  `weight` x the mean over their tokens of each MoME layer's squared output
+  norm to the loss. The backbone is frozen and every MoME layer a residual
+  branch, so a zero output on a text is the base model's behaviour on it: the
+  penalty teaches a trained expert to answer its fact's positions and stay
+  near zero on other text that selects it too (no expert gets trained by the
+  anchors alone: they have no answer positions). Sources, cut or padded to
+  `seq_len` tokens: `windows` windows of the `corpus` text file (relative to
+  the data directory unless absolute; "" for none) and `questions` TruthfulQA
+  questions with their best answers in the prompt template, taken from those
+  neither trained nor held out (`data.spare_items`).
+  """
+
+  weight: float = 0.0
+  batch_size: int = 16
+  seq_len: int = 64
+  corpus: str = "corpus/wikitext-2-valid.txt"
+  windows: int = 256
+  questions: int = 256
+
+  def __post_init__(self):
+    if self.weight < 0:
+      raise ValueError(f"mome.anchor.weight must be >= 0, got {self.weight}")
+    for name in ("batch_size", "seq_len"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"mome.anchor.{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("windows", "questions"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"mome.anchor.{name} must be >= 0, got {getattr(self, name)}")
+    if self.weight and not (self.windows and self.corpus) and not self.questions:
+      raise ValueError("mome.anchor.weight > 0 needs anchor text: mome.anchor.windows with a"
+                       " corpus, or mome.anchor.questions")
+
+
 TRAIN_POSITIONS = ("answer", "all")
 
 _DEFAULT_TRAIN = train_lib.TrainConfig(
@@ -109,6 +147,7 @@ class MomeTuningConfig:
   `train_positions`: "answer" (phase 2 trains only the experts selected at the
   positions that predict a trained token, `answer_positions`; the experts of
   prompt tokens, which general text selects too, stay as they were) or "all".
+  `anchor`: the phase-2 penalty that keeps the MoME silent on other text.
   """
 
   layers: tuple[int, ...] = (3, 4)
@@ -126,6 +165,7 @@ class MomeTuningConfig:
   train_positions: str = "answer"
   seed: int = 0
   generalization: GeneralizationConfig = GeneralizationConfig()
+  anchor: AnchorConfig = AnchorConfig()
   train: train_lib.TrainConfig = _DEFAULT_TRAIN
 
   def __post_init__(self):
@@ -271,9 +311,57 @@ def focus_rows(encoded: Sequence[data_lib.EncodedFact], batch_size: int, spec: M
   return min(batch_size * most * cfg.slots, cfg.num_experts) + 1
 
 
+ANCHOR = "anchor"  # key of the anchor sequences in a phase-2 step's `frozen`
+
+
+def _pad_to(a_BxT: jax.Array, width: int, value) -> jax.Array:
+  return jnp.pad(a_BxT, ((0, 0), (0, width - a_BxT.shape[1])), constant_values=value)
+
+
+def anchor_penalty(outs: Any, mask_GxL: jax.Array) -> jax.Array:
+  """Sum over MoME layers of the mean squared output norm over the anchor tokens.
+
+  `outs` is the "mome_out" collection of a step whose last G rows are anchors;
+  mask_GxL marks their real tokens (positions past L are padding).
+  """
+  g, length = mask_GxL.shape
+  total = jnp.zeros((), jnp.float32)
+  for y_BxTxD in jax.tree.leaves(outs):
+    sq_GxL = jnp.sum(jnp.square(y_BxTxD[-g:, :length].astype(jnp.float32)), axis=-1)
+    total = total + jnp.sum(sq_GxL * mask_GxL) / jnp.maximum(jnp.sum(mask_GxL), 1.0)
+  return total
+
+
+def anchor_sequences(tokenizer, template: data_lib.PromptTemplate, cfg: AnchorConfig,
+                     questions: Sequence[tuple[str, str]], corpus_path=None, *,
+                     pad_id: int) -> dict[str, np.ndarray]:
+  """{"tokens": [A, L] int32, "mask": [A, L] float32}: the anchor pool of `make_tuning_step`.
+
+  Corpus windows of `corpus_path` (a text file; None: none) and the (question,
+  answer) pairs in the template, each cut or right-padded to L = cfg.seq_len;
+  the mask marks real tokens.
+  """
+  length = cfg.seq_len
+  seqs: list[np.ndarray] = []
+  if corpus_path is not None and cfg.windows:
+    seqs += list(data_lib.corpus_windows(tokenizer, corpus_path, length - 1, cfg.windows))
+  if questions:
+    facts = [data_lib.Fact(q, a, f"anchor {i}") for i, (q, a) in enumerate(questions)]
+    encoded = data_lib.encode_facts(tokenizer, template, facts, max_len=10**9)
+    seqs += [e.tokens[:length] for e in encoded]
+  if not seqs:
+    raise ValueError("anchor_sequences: no anchor text (no corpus windows and no questions)")
+  tokens = np.full((len(seqs), length), pad_id, np.int32)
+  mask = np.zeros((len(seqs), length), np.float32)
+  for i, seq in enumerate(seqs):
+    tokens[i, :len(seq)], mask[i, :len(seq)] = seq, 1.0
+  return {"tokens": tokens, "mask": mask}
+
+
 def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
                      mesh: Mesh | None = None, margin: float = 0.0,
-                     train_positions: str = "answer", rows: int | None = None) -> Callable:
+                     train_positions: str = "answer", rows: int | None = None,
+                     anchor: AnchorConfig | None = None) -> Callable:
   """Phase 2, jitted with the state donated: sparse row updates of the expert tables.
 
   `frozen` holds "params" (backbone), "mome_router" and "mome_balance"; the
@@ -284,22 +372,42 @@ def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
   (`focus_rows`; default tokens * K). A batch with more focus positions than
   `rows` allows gets a NaN loss, which `train.fit` reports, never a silently
   partial update.
+
+  With an `anchor` of positive weight, `frozen` also holds "anchor" (`anchor_sequences`:
+  tokens and mask [A, L]); step s adds anchors s * G .. s * G + G - 1 (mod A) as
+  extra rows and `anchor.weight * anchor_penalty` to the objective. The
+  reported loss stays the facts' token NLL.
   """
   slots = model.mome.slots
   focused = train_positions == "answer"
+  anchored = anchor is not None and anchor.weight > 0
 
-  def loss_fn(deltas, tables, frozen, tokens_BxT, mask_BxT):
+  def loss_fn(deltas, tables, frozen, tokens_BxT, mask_BxT, anchor_mask_GxL):
+    # Rows past the first b are anchors (mask 0: no loss, no answer positions).
+    b = tokens_BxT.shape[0] - (0 if anchor_mask_GxL is None else anchor_mask_GxL.shape[0])
     focus = _focus(model, mask_BxT) if focused else {}
     (logits, _), aux = model.apply({**frozen, **focus, mome.TABLE: tables, mome.DELTA: deltas},
-                                   tokens_BxT, mutable=[mome.UNIQ])
-    objective, nll = _objective(model, frozen, logits, tokens_BxT, mask_BxT, margin)
+                                   tokens_BxT, mutable=[mome.UNIQ, mome.OUT])
+    objective, nll = _objective(model, frozen, logits[:b], tokens_BxT[:b], mask_BxT[:b], margin)
+    if anchor_mask_GxL is not None:
+      objective = objective + anchor.weight * anchor_penalty(aux[mome.OUT], anchor_mask_GxL)
     return objective, (*nll, aux[mome.UNIQ])
 
   def step(state: train_lib.TrainState, frozen, tokens_BxT, mask_BxT):
-    num_rows = tokens_BxT.size * slots if rows is None or not focused else rows
+    anchor_mask_GxL, all_tokens, all_mask = None, tokens_BxT, mask_BxT
+    if anchored:
+      frozen = dict(frozen)
+      pool = frozen.pop(ANCHOR)
+      pick_G = (state.step * anchor.batch_size + jnp.arange(anchor.batch_size)) % pool["tokens"].shape[0]
+      a_tokens_GxL, anchor_mask_GxL = pool["tokens"][pick_G], pool["mask"][pick_G]
+      width = max(tokens_BxT.shape[1], a_tokens_GxL.shape[1])
+      all_tokens = jnp.concatenate([_pad_to(tokens_BxT, width, 0), _pad_to(a_tokens_GxL, width, 0)])
+      all_mask = jnp.concatenate([_pad_to(mask_BxT, width, 0),
+                                  jnp.zeros((anchor.batch_size, width), mask_BxT.dtype)])
+    num_rows = all_tokens.size * slots if rows is None or not focused else rows
     deltas = mome.zero_deltas(state.trainable, num_rows)
     (_, (loss, row_sum, row_count, uniqs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        deltas, state.trainable, frozen, tokens_BxT, mask_BxT)
+        deltas, state.trainable, frozen, all_tokens, all_mask, anchor_mask_GxL)
     tables, opt_state = mome.sparse_step_layers(state.trainable, state.opt_state, grads, uniqs,
                                                 tx=tx, mesh=mesh)
     new_state = state.replace(step=state.step + 1, trainable=tables, opt_state=opt_state)
@@ -661,8 +769,11 @@ def tune_mome(cfg: ModelConfig, params: Any, encoded: Sequence[data_lib.EncodedF
               on_epoch: Callable | None = None, stop_after_steps: int | None = None,
               general_windows: np.ndarray | None = None, prepared: Prepared | None = None,
               mesh: Mesh | None = None, gather_apply: GatherApplyFn = gather_apply_reference,
+              anchors: dict[str, np.ndarray] | None = None,
               ) -> tuple[Transformer, dict[str, Any], train_lib.FitResult]:
   """Memorizes `encoded` facts into their selected experts; returns (model, variables, result).
+
+  `anchors` (`anchor_sequences`) is needed when `mome_cfg.anchor.weight > 0`.
 
   Runs `prepare` first unless `prepared` is given (build it first to hand
   `prepared.variables_of` to an `on_epoch` recall hook). Phase 2 trains with
@@ -673,9 +784,16 @@ def tune_mome(cfg: ModelConfig, params: Any, encoded: Sequence[data_lib.EncodedF
                        progress=progress, mesh=mesh, gather_apply=gather_apply)
   tx = train_cfg.optimizer.build()
   state = tuning_state(prepared.table, tx, train_cfg.seed, mesh)
+  anchor_cfg = mome_cfg.anchor if mome_cfg.anchor.weight > 0 else None
+  frozen = prepared.frozen
+  if anchor_cfg is not None:
+    if anchors is None:
+      raise ValueError("mome.anchor.weight > 0 needs the anchor pool (tune_mome(anchors=...),"
+                       " see anchor_sequences)")
+    frozen = {**frozen, ANCHOR: _replicate(jax.tree.map(jnp.asarray, anchors), mesh)}
   step = make_tuning_step(prepared.model, tx, mesh, mome_cfg.margin, mome_cfg.train_positions,
-                          focus_rows(encoded, train_cfg.batch_size, mome_cfg))
-  result = train_lib.fit(step, state, prepared.frozen, encoded, train_cfg, pad_id=pad_id, label=label,
+                          focus_rows(encoded, train_cfg.batch_size, mome_cfg), anchor_cfg)
+  result = train_lib.fit(step, state, frozen, encoded, train_cfg, pad_id=pad_id, label=label,
                          run_dir=run_dir, resume=resume, progress=progress, on_epoch=on_epoch,
                          stop_after_steps=stop_after_steps)
   return prepared.model, prepared.variables(result.state.trainable), result

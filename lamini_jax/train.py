@@ -28,13 +28,20 @@ from lamini_jax.checkpoint import Checkpointer
 from lamini_jax.model import Transformer
 
 
+DECAY_FLOOR = 0.1  # OptimizerConfig.decay_steps: the learning rate ends at 10%
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """Optax Adafactor (the paper's optimizer) or Adam, with a constant learning rate.
+  """Optax Adafactor (the paper's optimizer) or Adam; learning-rate warm-up and decay optional.
 
   `multiply_by_parameter_scale` is Adafactor's relative step size: updates are scaled
   by each parameter's RMS (at least `1e-3`). LoRA's B starts at zero, so with it on,
   B's first updates are 1000x smaller than the learning rate.
+  `warmup_steps`: linear warm-up from 0. `decay_steps` (0: constant): cosine decay
+  from the learning rate to DECAY_FLOOR of it over that many steps after the
+  warm-up, then constant. Steps are the optimizer's own count: a LoRA run's
+  steps; for MoME's per-expert optimizer, each expert's own updates.
   """
 
   name: str = "adafactor"
@@ -43,19 +50,26 @@ class OptimizerConfig:
   clipping_threshold: float | None = 1.0
   decay_rate: float = 0.8
   warmup_steps: int = 0
+  decay_steps: int = 0
 
   def __post_init__(self):
     if self.name not in ("adafactor", "adam"):
       raise ValueError(f"optimizer.name must be 'adafactor' or 'adam', got {self.name!r}")
     if not self.learning_rate > 0:
       raise ValueError(f"optimizer.learning_rate must be positive, got {self.learning_rate}")
-    if self.warmup_steps < 0:
-      raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+    for name in ("warmup_steps", "decay_steps"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"optimizer.{name} must be >= 0, got {getattr(self, name)}")
 
   def build(self) -> optax.GradientTransformation:
     lr: Any = self.learning_rate
+    if self.decay_steps:
+      lr = optax.cosine_decay_schedule(self.learning_rate, self.decay_steps, alpha=DECAY_FLOOR)
     if self.warmup_steps:
-      lr = optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps)
+      lr = optax.join_schedules(
+          [optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps),
+           lr if self.decay_steps else optax.constant_schedule(self.learning_rate)],
+          [self.warmup_steps])
     if self.name == "adam":
       return optax.adam(lr)
     return optax.adafactor(lr, multiply_by_parameter_scale=self.multiply_by_parameter_scale,

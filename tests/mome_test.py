@@ -94,7 +94,11 @@ def test_exact_topk_equals_brute_force_with_ties(n, k):
   np.testing.assert_array_equal(np.asarray(values), want_values)
 
 
-def test_route_equals_dense_cross_attention_over_all_keys():
+# Selection in one piece, and over token chunks of 1 and of 5 tokens (the last padded).
+@pytest.mark.parametrize("chunk_scores", [None, 1, 3 * 17 * 5])
+def test_route_equals_dense_cross_attention_over_all_keys(chunk_scores, monkeypatch):
+  if chunk_scores is not None:
+    monkeypatch.setattr(mome, "_SELECT_CHUNK_SCORES", chunk_scores)
   router = mome.init_router(jax.random.PRNGKey(0), CFG)
   x = jax.random.normal(jax.random.PRNGKey(1), (TOKENS, CFG.embed_dim))
   idx, w = jax.jit(functools.partial(mome.route, cfg=CFG))(router, x)
@@ -114,6 +118,21 @@ def test_route_equals_dense_cross_attention_over_all_keys():
   ref_scores = np.take_along_axis(scores_TxHxN, got, axis=-1)
   ref_w = np.exp(ref_scores - ref_scores.max(-1, keepdims=True))
   np.testing.assert_allclose(got_w, ref_w / ref_w.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_selection_with_balance_equals_one_piece(monkeypatch):
+  router = mome.init_router(jax.random.PRNGKey(0), CFG)
+  x = jax.random.normal(jax.random.PRNGKey(1), (TOKENS, CFG.embed_dim))
+  n1, n2 = CFG.grid
+  k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+  balance = {"bias1": jax.random.normal(k1, (CFG.num_heads, n1)),
+             "bias2": jax.random.normal(k2, (CFG.num_heads, n2))}
+  whole = mome.route(router, x, CFG, balance)
+  monkeypatch.setattr(mome, "_SELECT_CHUNK_SCORES", 3 * 17 * 4)  # chunks of 4 tokens
+  chunked = mome.route(router, x, CFG, balance)
+  for a, b in zip(whole, chunked):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(whole[0]), np.asarray(mome.route(router, x, CFG)[0]))
 
 
 def test_route_gradient_reaches_query_and_keys():

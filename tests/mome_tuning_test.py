@@ -171,6 +171,133 @@ def test_answer_focus_trains_only_experts_of_positions_that_predict_answers(para
     dataclasses.replace(SPEC, train_positions="prompt")
 
 
+
+def _anchor_pool(n=5, length=12, seed=6):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, CFG.vocab_size, size=(n, length)).astype(np.int32)
+  mask = (np.arange(length)[None, :] < rng.integers(6, length + 1, size=(n, 1))).astype(np.float32)
+  return {"tokens": np.where(mask > 0, tokens, 0).astype(np.int32), "mask": mask}
+
+
+@pytest.mark.parametrize("weight", [0.0, 3.0])
+def test_sparse_step_applies_the_dense_gradient_to_the_trained_rows_only(params, encoded, weight):
+  # MoME at layers 0 and 2: prompt and anchor positions reach the loss through
+  # attention and the later layer. One plain SGD step moves each trained row
+  # (an expert of an answer-predicting position) by minus its full gradient,
+  # which a dense jax.grad over the whole table gives as reference.
+  spec = dataclasses.replace(SPEC, layers=(0, 2))
+  prepared = mtt.prepare(CFG, params, encoded, spec, pad_id=0)
+  model = prepared.model
+  # A table with nonzero up rows, so every path carries gradient.
+  key = jax.random.key(8)
+  table = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(key, a.shape, a.dtype), prepared.table)
+  tokens, mask = _stack(encoded[:4])
+  pool = _anchor_pool()
+  anchor = mtt.AnchorConfig(weight=weight, batch_size=3, seq_len=12)
+  tx = optax.sgd(1.0)
+  step = mtt.make_tuning_step(model, tx, margin=SPEC.margin, anchor=anchor)
+  frozen = {**prepared.frozen, mtt.ANCHOR: jax.tree.map(jnp.asarray, pool)}
+  if not weight:
+    frozen = prepared.frozen
+  state, metrics = step(mtt.tuning_state(table, tx, 0), frozen, tokens, mask)
+
+  pick = np.arange(3) % 5  # step 0 takes anchors 0, 1, 2
+  all_tokens = jnp.asarray(np.concatenate([np.asarray(tokens),
+                                           np.pad(pool["tokens"][pick], ((0, 0), (0, SEQ - 12)))]))
+  all_mask = jnp.asarray(np.concatenate([np.asarray(mask), np.zeros((3, SEQ), np.float32)]))
+  if not weight:
+    all_tokens, all_mask = tokens, mask
+
+  def dense_objective(t):
+    (logits, _), aux = model.apply({**prepared.frozen, mome.TABLE: t}, all_tokens, mutable=[mome.OUT])
+    objective, (nll, _, _) = mtt._objective(model, prepared.frozen, logits[:4], all_tokens[:4],
+                                            all_mask[:4], SPEC.margin)
+    if weight:
+      outs = aux[mome.OUT]
+      penalty = 0.0
+      for y in jax.tree.leaves(outs):  # float64-free reference: plain sums
+        sq = jnp.sum(y[4:, :12] ** 2, axis=-1)
+        penalty = penalty + jnp.sum(sq * pool["mask"][pick]) / np.sum(pool["mask"][pick])
+      objective = objective + weight * penalty
+    return objective, nll
+
+  (_, nll), dense = jax.value_and_grad(dense_objective, has_aux=True)(table)
+  np.testing.assert_allclose(float(metrics["loss"]), float(nll), rtol=1e-6)
+  focus = np.asarray(mtt.focus_positions(all_mask))
+  x = mtt.mome_inputs(model, prepared.variables(table), all_tokens)
+  for name in ("layers_0", "layers_2"):
+    router = prepared.frozen[mome.ROUTER][name]["mome"]
+    idx, _ = mome.route(router, x[f"{name}/mome"].reshape(-1, CFG.hidden_size), model.mome,
+                        prepared.frozen[mome.BALANCE][name]["mome"])
+    trained = np.unique(np.asarray(idx).reshape(*focus.shape, -1)[focus])
+    others = np.setdiff1d(np.arange(spec.num_experts), trained)
+    for part in ("down", "up"):
+      new = np.asarray(state.trainable[name]["mome"][part])
+      old = np.asarray(table[name]["mome"][part])
+      np.testing.assert_array_equal(new[others], old[others])
+      np.testing.assert_allclose(old[trained] - new[trained],
+                                 np.asarray(dense[name]["mome"][part])[trained], rtol=2e-4,
+                                 atol=2e-6)
+    if name == "layers_0":  # prompt experts reach the loss through attention, yet do not train
+      assert np.any(np.asarray(dense[name]["mome"]["up"])[others] != 0)
+
+
+def test_anchors_keep_the_mome_silent_on_anchor_text_and_facts_still_train(params, encoded):
+  prepared = mtt.prepare(CFG, params, encoded, SPEC, pad_id=0)
+  model, pool = prepared.model, _anchor_pool(n=7)
+  anchor_tokens = jnp.asarray(pool["tokens"])
+  outs, losses = {}, {}
+  for weight in (0.0, 30.0):
+    anchor = mtt.AnchorConfig(weight=weight, batch_size=4, seq_len=12)
+    tx = TRAIN.optimizer.build()
+    step = mtt.make_tuning_step(model, tx, margin=SPEC.margin, anchor=anchor)
+    frozen = {**prepared.frozen, mtt.ANCHOR: jax.tree.map(jnp.asarray, pool)} if weight else prepared.frozen
+    state = mtt.tuning_state(prepared.table, tx, 0)
+    for epoch in range(3):
+      for batch in data_lib.epoch_batches(encoded, 4, SEQ, 0, seed=1, epoch=epoch):
+        state, metrics = step(state, frozen, jnp.asarray(batch.tokens_BxT), jnp.asarray(batch.loss_mask_BxT))
+    _, aux = model.apply(prepared.variables(state.trainable), anchor_tokens, mutable=[mome.OUT])
+    outs[weight] = float(mtt.anchor_penalty(aux[mome.OUT], jnp.asarray(pool["mask"])))
+    losses[weight] = float(eval_lib.fact_losses(model, prepared.variables(state.trainable), encoded).mean())
+  start = float(eval_lib.fact_losses(model, prepared.variables(prepared.table), encoded).mean())
+  assert outs[30.0] < 0.2 * outs[0.0], outs
+  assert losses[30.0] < 0.7 * start and losses[0.0] < 0.7 * start, (start, losses)
+
+
+def test_anchor_sequences_and_spare_questions():
+  tok = _FakeTokenizer()
+  template = data_lib.PromptTemplate()
+  cfg = mtt.AnchorConfig(weight=1.0, seq_len=40, windows=3)
+  pool = mtt.anchor_sequences(tok, template, cfg, [("q one", "a"), ("a much longer question, " * 3, "b")],
+                              None, pad_id=0)
+  assert pool["tokens"].shape == (2, 40) and pool["mask"].shape == (2, 40)
+  encoded = data_lib.encode_facts(tok, template, [data_lib.Fact("q one", "a", "x")], 10**9)[0]
+  n = len(encoded.tokens)
+  assert n < 40
+  np.testing.assert_array_equal(pool["tokens"][0, :n], encoded.tokens)
+  assert pool["mask"][0].tolist() == [1.0] * n + [0.0] * (40 - n)
+  assert pool["mask"][1].all()  # cut at seq_len
+  with pytest.raises(ValueError, match="mome.anchor.weight"):
+    mtt.AnchorConfig(weight=-1.0)
+  with pytest.raises(ValueError, match="needs anchor text"):
+    mtt.AnchorConfig(weight=1.0, windows=0, questions=0)
+  items = list(range(20))
+  train, held = data_lib.split_items(items, 6, 4, seed=2)
+  spare = data_lib.spare_items(items, 6, 4, seed=2, count=50)
+  assert sorted(spare + train + held) == items
+  assert data_lib.spare_items(items, 6, 4, seed=2, count=3) == sorted(
+      data_lib.spare_items(items, 6, 4, seed=2, count=3))
+  assert set(data_lib.spare_items(items, 6, 4, seed=2, count=3)) <= set(spare)
+
+
+class _FakeTokenizer:
+  """Characters as token ids (3 + byte), BOS 1, EOS 2: enough for prompt encoding."""
+  bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+  def __call__(self, texts, add_special_tokens=False, verbose=False):
+    del add_special_tokens, verbose
+    return {"input_ids": [[3 + (ord(c) % 60) for c in t] for t in texts]}
+
 def test_step_zero_is_the_backbone_and_hinge_matches_float64(params):
   model = mtt.mome_model(CFG, SPEC)
   variables = {"params": params, **mtt.init_mome(model, SPEC.seed)}

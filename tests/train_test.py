@@ -121,3 +121,25 @@ def test_config_validation_names_the_field():
     train_lib.OptimizerConfig(name="sgd")
   with pytest.raises(ValueError, match="LoraConfig.targets"):
     LoraConfig(targets=("q", "w"))
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_learning_rate_warmup_and_cosine_decay_follow_float64(warmup):
+  # Adam on one scalar with a constant gradient moves by lr(t) per step (its
+  # normalized update is 1), so the steps trace the schedule.
+  decay, lr = 7, 0.5
+  tx = train_lib.OptimizerConfig(name="adam", learning_rate=lr, warmup_steps=warmup,
+                                 decay_steps=decay).build()
+  param = jnp.zeros(())
+  state = tx.init(param)
+  steps = []
+  for _ in range(warmup + decay + 3):
+    updates, state = tx.update(jnp.ones(()), state, param)
+    steps.append(-float(updates))
+  want = [lr * t / warmup for t in range(warmup)]
+  floor = train_lib.DECAY_FLOOR
+  want += [lr * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(t, decay) / decay)))
+           for t in range(decay + 3)]
+  np.testing.assert_allclose(steps, want, rtol=1e-4, atol=1e-7)
+  with pytest.raises(ValueError, match="optimizer.decay_steps"):
+    train_lib.OptimizerConfig(decay_steps=-1)
