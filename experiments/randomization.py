@@ -151,6 +151,7 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
           f"{field}={train_cfg.seq_len} is shorter than the longest encoded fact "
           f"({longest} tokens): raise {field}")
     print(f"memory tuning {label}: {len(facts)} facts ...", flush=True)
+    t_method = time.perf_counter()
     if method == "lora":
       hook = mt.recall_callback(mt.lora_model(model_cfg, cfg.lora),
                                 lambda state: {"params": params, "lora": state.trainable}, tokenizer,
@@ -175,6 +176,7 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
       mome_figures[label] = {"prepare_seconds": prepare_seconds,
                              "generalization_seconds": prepared.generalization_seconds,
                              "collisions": prepared.collisions}
+    tuning_seconds = time.perf_counter() - t_method  # set-up, training and recall checks
     histories[label] = result.history
     rec = eval_lib.recall(model, variables, tokenizer, facts, template)
     metrics = eval_lib.heldout_metrics(model, variables, tokenizer, heldout)
@@ -186,6 +188,7 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
         "epochs": len(result.history),
         "epochs_to_full_recall": full[0] if full else None,
         "train_seconds": train_seconds,
+        "tuning_seconds": tuning_seconds,
     })
     if method == "mome":
       metrics.update(mome_figures[label])

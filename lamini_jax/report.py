@@ -64,7 +64,8 @@ def summary_table(summary: dict[str, Any]) -> str:
   rows = [("held-out " + k, k) for k in MODEL_COLUMNS] + [
       ("trained facts: recall", "recall"), ("trained facts: loss", "fact_loss"),
       ("epochs trained", "epochs"), ("epochs to 100% recall", "epochs_to_full_recall"),
-      ("train seconds", "train_seconds")]
+      ("train seconds", "train_seconds"),
+      ("tuning seconds (all)", "tuning_seconds")]
   width = max(len(r[0]) for r in rows)
   lines = [f"{'':<{width}}  " + "  ".join(f"{m:>14}" for m in models)]
   for title, key in rows:
@@ -85,7 +86,10 @@ def report_markdown(summary: dict[str, Any], config_yaml: str) -> str:
       f"Machine: {s['machine']}. Wall time of the whole run: {s['wall_seconds']:.0f} s.\n",
       "## Summary\n", "```", summary_table(s), "```\n",
       "Held-out metrics are computed on questions no model was trained on; 'recall' is exact-match "
-      "greedy recall of the trained answers (the hallucination rate is 1 - recall).\n",
+      "greedy recall of the trained answers (the hallucination rate is 1 - recall). 'train "
+      "seconds' add up the training epochs (compilation included); 'tuning seconds (all)' is the "
+      "whole memory tuning of a model: set-up (MoME: routing, balance, anchors), training and "
+      "the recall checks.\n",
       "![loss curves](loss_curves.png)\n",
       "See `table1.md` for answers to held-out and trained questions, `metrics.jsonl` for every "
       "epoch and `summary.json` for all figures.\n",

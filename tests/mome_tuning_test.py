@@ -453,6 +453,7 @@ def test_randomization_experiment_both_methods(tmp_path):
   for label in labels:
     m = summary["models"][label]
     assert m["epochs"] == 2 and 0 <= m["recall"] <= 1 and m["train_seconds"] > 0
+    assert m["tuning_seconds"] >= m["train_seconds"]
     assert isinstance(m["perplexity"], float)
   mome_run = summary["models"]["mome-random"]
   assert set(mome_run["collisions"]) == {"unbalanced", "balanced"}
