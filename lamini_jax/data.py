@@ -529,7 +529,6 @@ def split_items(items: Sequence[T], n_train: int, n_heldout: int,
   return [items[i] for i in train], [items[i] for i in heldout]
 
 
-
 def spare_items(items: Sequence[T], n_train: int, n_heldout: int, seed: int,
                 count: int) -> list[T]:
   """Up to `count` items in neither subset of `split_items(items, n_train, n_heldout, seed)`.
@@ -541,6 +540,7 @@ def spare_items(items: Sequence[T], n_train: int, n_heldout: int, seed: int,
   split_items(items, n_train, n_heldout, seed)  # validates the counts
   order = np.random.default_rng([_SPLIT_STREAM, seed]).permutation(len(items))
   return [items[i] for i in np.sort(order[n_heldout + n_train:][:count])]
+
 
 # ---------------------------------------------------------------------------------------------
 # Prompts and token arrays.

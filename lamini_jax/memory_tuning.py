@@ -205,7 +205,6 @@ def facts_and_heldout(spec: DataSpec, answers: str):
   return data_lib.mmlu_facts(trained, answers, spec.seed), held, trained
 
 
-
 def spare_truthfulqa(spec: DataSpec, count: int) -> list[data_lib.TruthfulQAItem]:
   """Up to `count` TruthfulQA items that this run neither trains nor holds out."""
   n_train = spec.n_train if spec.dataset == "truthfulqa" else 0
