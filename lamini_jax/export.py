@@ -166,14 +166,15 @@ def mome_hf_config(model: Transformer) -> dict[str, Any]:
   m = model.mome
   return {"layers": sorted(model.mome_layers), "num_experts": m.num_experts,
           "sub_keys": list(m.grid), "expert_rank": m.expert_rank, "num_heads": m.num_heads,
-          "key_dim": m.key_dim, "top_k": m.top_k, "activation": m.activation}
+          "key_dim": m.key_dim, "top_k": m.top_k, "activation": m.activation,
+          "threshold": m.threshold}
 
 
 def mome_config_of(spec: dict[str, Any], hidden_size: int) -> mome_lib.MomeConfig:
   """The `MomeConfig` of a `mome` field; `sub_keys` is None when it is the default split."""
   fields = dict(num_experts=spec["num_experts"], embed_dim=hidden_size, expert_rank=spec["expert_rank"],
                 num_heads=spec["num_heads"], key_dim=spec["key_dim"], top_k=spec["top_k"],
-                activation=spec["activation"])
+                activation=spec["activation"], threshold=spec.get("threshold", 0.0))
   sub_keys = tuple(spec["sub_keys"])
   try:
     default = mome_lib.MomeConfig(**fields)

@@ -4,7 +4,7 @@ A MoME layer is a residual branch added to a frozen backbone block:
 
   h = h + mome(norm(h))        at the configured layers,
 
-  mome(x)[t] = sum_k w[t, k] * up[e]^T act(down[e]^T x[t]),  e = idx[t, k].
+  mome(x)[t] = sum_k w[t, k] * up[e]^T act(down[e]^T x[t] - threshold),  e = idx[t, k].
 
 The router is multi-head cross-attention from the token to N expert keys,
 with product keys (PEER / product-key memory): expert e = i * n2 + j has key
@@ -117,6 +117,9 @@ class MomeConfig:
 
   sub_keys: (n1, n2) with n1 * n2 = num_experts; None picks the most square
   split and requires n2 <= 4 * n1 (a perfect square or a power of two works).
+  threshold: a constant subtracted before the activation; with "relu" an expert
+  is silent unless down^T x exceeds it (`key_rows` makes experts that fire only
+  near the inputs they were keyed to).
   """
   num_experts: int = 1024  # N
   embed_dim: int = 64  # D
@@ -126,6 +129,7 @@ class MomeConfig:
   top_k: int = 8  # S experts per head
   activation: str = "gelu"
   sub_keys: tuple[int, int] | None = None
+  threshold: float = 0.0
 
   def __post_init__(self):
     for field in ("num_experts", "embed_dim", "expert_rank", "num_heads", "key_dim", "top_k"):
@@ -138,6 +142,8 @@ class MomeConfig:
       raise ValueError(f"MomeConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"MomeConfig.activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+    if not (isinstance(self.threshold, (int, float)) and 0 <= self.threshold < math.inf):
+      raise ValueError(f"MomeConfig.threshold={self.threshold!r} must be a finite number >= 0")
     if self.sub_keys is not None:
       object.__setattr__(self, "sub_keys", tuple(self.sub_keys))
       n1, n2 = self.sub_keys if len(self.sub_keys) == 2 else (0, 0)
@@ -165,7 +171,14 @@ class MomeConfig:
 
   @property
   def act(self) -> Callable[[jax.Array], jax.Array]:
-    return ACTIVATIONS[self.activation]
+    """The activation of the pre-activation down^T x, threshold included."""
+    return _shifted(self.activation, float(self.threshold))
+
+
+@functools.lru_cache(maxsize=None)  # one function per (name, threshold): stable under jit caches
+def _shifted(activation: str, threshold: float) -> Callable[[jax.Array], jax.Array]:
+  act = ACTIVATIONS[activation]
+  return act if threshold == 0 else lambda z: act(z - threshold)
 
 
 # ----------------------------------------------------------------------------
@@ -410,6 +423,41 @@ def apply_experts(
   return gather_apply(x_TxD, idx_TxK, w_TxK, table["down"], table["up"], cfg.act)
 
 
+def key_rows(table: Table, idx_PxK: np.ndarray, x_PxD: np.ndarray, cfg: MomeConfig,
+             match: float) -> Table:
+  """The table with every expert selected in idx_PxK keyed to the inputs that select it.
+
+  Expert e, selected at positions P_e, gets down[e, :, r] = a * m / |m|^2 for
+  every r, with m the mean of x over P_e and a = cfg.threshold / match, so
+  down^T x - threshold = threshold * (proj(x) / match - 1), proj(x) = x . m / |m|^2:
+  with a "relu" activation the expert fires (with threshold * (1 / match - 1)
+  at x = m) only where x projects onto m at least `match` of m's length, and is
+  exactly silent on other inputs that select it. Other rows are unchanged.
+  A one-time set-up step (host aggregation and one scatter), not a training step.
+  """
+  if cfg.threshold <= 0:
+    raise ValueError(f"key_rows: needs MomeConfig.threshold > 0, got {cfg.threshold}")
+  if not 0 < match < 1:
+    raise ValueError(f"key_rows: match={match} must be in (0, 1)")
+  idx_PxK, x_PxD = np.asarray(idx_PxK), np.asarray(x_PxD, np.float64)
+  if idx_PxK.shape[0] != x_PxD.shape[0]:
+    raise ValueError(f"key_rows: {idx_PxK.shape[0]} positions of experts, {x_PxD.shape[0]} inputs")
+  uniq_U, inv = np.unique(idx_PxK.ravel(), return_inverse=True)
+  order = np.argsort(inv, kind="stable")  # slots grouped by expert, for one reduceat
+  starts = np.searchsorted(inv[order], np.arange(len(uniq_U)))
+  sums_UxD = np.add.reduceat(x_PxD[order // idx_PxK.shape[1]], starts, axis=0)
+  mean_UxD = sums_UxD / np.diff(np.append(starts, len(order)))[:, None]
+  norm2_U = np.maximum(np.sum(mean_UxD**2, axis=1, keepdims=True), 1e-30)
+  key_UxD = (cfg.threshold / match) * mean_UxD / norm2_U
+  rows_UxDxR = np.repeat(key_UxD[:, :, None], cfg.expert_rank, axis=2)
+  return _set_down(table, jnp.asarray(uniq_U, jnp.int32), jnp.asarray(rows_UxDxR, table["down"].dtype))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_down(table: Table, uniq_U: jax.Array, rows_UxDxR: jax.Array) -> Table:
+  return {**table, "down": table["down"].at[uniq_U].set(rows_UxDxR)}
+
+
 # ----------------------------------------------------------------------------
 # Sparse training.
 # ----------------------------------------------------------------------------
@@ -610,10 +658,11 @@ def balance_router(
     counts_HxI = jnp.zeros(bias_HxI.shape).at[heads_Hx1x1, sub_HxTxS].add(1.0)
     return bias_HxI - step * jnp.sign(counts_HxI - counts_HxI.mean(axis=-1, keepdims=True))
 
+  q_HxTxQ = jnp.einsum("TD,DHQ->HTQ", x_TxD, router["query"])
+
   def one_round(balance, r):
     step = base_step * (1.0 - r / rounds)
-    _, e_HxTxS = product_key_topk(
-        s1_HxTxI + balance["bias1"][:, None, :], s2_HxTxJ + balance["bias2"][:, None, :], cfg.top_k)
+    e_HxTxS = _select(q_HxTxQ, router["keys1"], router["keys2"], cfg.top_k, balance)
     return {"bias1": rebalance(balance["bias1"], e_HxTxS // n2, step),
             "bias2": rebalance(balance["bias2"], e_HxTxS % n2, step)}, None
 

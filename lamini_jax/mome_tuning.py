@@ -148,6 +148,10 @@ class MomeTuningConfig:
   positions that predict a trained token, `answer_positions`; the experts of
   prompt tokens, which general text selects too, stay as they were) or "all".
   `anchor`: the phase-2 penalty that keeps the MoME silent on other text.
+  `key_match` (0: off; needs `threshold` > 0): before phase 2, the experts of
+  the facts' answer positions are keyed to them (`mome.key_rows`), so that an
+  expert fires only on inputs that project onto its facts' mean input at
+  least `key_match` of its length; other text that selects it leaves it silent.
   """
 
   layers: tuple[int, ...] = (3, 4)
@@ -157,6 +161,8 @@ class MomeTuningConfig:
   key_dim: int = 32
   top_k: int = 2
   activation: str = "gelu"
+  threshold: float = 0.0
+  key_match: float = 0.0
   balance: bool = True
   balance_rounds: int = 30
   balance_rate: float = 0.15
@@ -181,20 +187,23 @@ class MomeTuningConfig:
       raise ValueError(f"mome.train_positions must be one of {list(TRAIN_POSITIONS)}, got"
                        f" {self.train_positions!r}")
     self.layer_config(2)  # validates the layer fields
+    if self.key_match and not (0 < self.key_match < 1 and self.threshold > 0):
+      raise ValueError(f"mome.key_match={self.key_match} must be in (0, 1) with mome.threshold > 0"
+                       f" (got threshold={self.threshold}); 0 turns keying off")
 
   def layer_config(self, embed_dim: int) -> mome.MomeConfig:
     try:
       return mome.MomeConfig(
           num_experts=self.num_experts, embed_dim=embed_dim, expert_rank=self.expert_rank,
           num_heads=self.num_heads, key_dim=self.key_dim, top_k=self.top_k,
-          activation=self.activation)
+          activation=self.activation, threshold=self.threshold)
     except ValueError as e:
       raise ValueError(f"mome: {e}") from None
 
   def phase1_key(self) -> str:
     """What the phase-1 result depends on (its cache is reused only when this matches)."""
     fields = ("layers", "num_experts", "expert_rank", "num_heads", "key_dim", "top_k", "activation",
-              "seed", "generalization")
+              "threshold", "seed", "generalization")
     return json.dumps({k: yaml_config.to_dict(getattr(self, k)) for k in fields}, sort_keys=True)
 
 
@@ -361,8 +370,10 @@ def anchor_sequences(tokenizer, template: data_lib.PromptTemplate, cfg: AnchorCo
 def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
                      mesh: Mesh | None = None, margin: float = 0.0,
                      train_positions: str = "answer", rows: int | None = None,
-                     anchor: AnchorConfig | None = None) -> Callable:
+                     anchor: AnchorConfig | None = None, train_down: bool = True) -> Callable:
   """Phase 2, jitted with the state donated: sparse row updates of the expert tables.
+
+  `train_down=False` trains `up` only (the down rows of keyed experts are their keys).
 
   `frozen` holds "params" (backbone), "mome_router" and "mome_balance"; the
   state's `trainable` is the "mome" collection, its `opt_state` the per-row
@@ -408,6 +419,8 @@ def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
     deltas = mome.zero_deltas(state.trainable, num_rows)
     (_, (loss, row_sum, row_count, uniqs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         deltas, state.trainable, frozen, all_tokens, all_mask, anchor_mask_GxL)
+    if not train_down:  # keyed experts: down is the key, only up learns
+      grads = mome.map_layers(lambda g: {**g, "down": jnp.zeros_like(g["down"])}, grads)
     tables, opt_state = mome.sparse_step_layers(state.trainable, state.opt_state, grads, uniqs,
                                                 tx=tx, mesh=mesh)
     new_state = state.replace(step=state.step + 1, trainable=tables, opt_state=opt_state)
@@ -681,6 +694,29 @@ def balance(model: Transformer, variables: Any, encoded: Sequence[data_lib.Encod
   return bias
 
 
+def key_experts(model: Transformer, variables: Any, encoded: Sequence[data_lib.EncodedFact],
+                match: float, inputs: tuple[dict[str, np.ndarray], np.ndarray] | None = None) -> Any:
+  """The "mome" collection with each layer's answer-position experts keyed (`mome.key_rows`).
+
+  Layer by layer in order, each keyed to its inputs at the start of phase 2
+  given the keys of the earlier layers (recomputed unless every layer adds 0,
+  as before phase 2 without phase 1); `inputs`: `fact_inputs` of `variables`,
+  if already computed. The layer tables of `variables` are donated.
+  """
+  tables = variables[mome.TABLE]
+  fixed = _adds_zero(tables)
+  x = None if inputs is None else inputs[0]
+  for path in layer_paths(model):
+    if x is None or not fixed:
+      x, _ = fact_inputs(model, {**variables, mome.TABLE: tables}, encoded)
+    name = _layer_key(path)
+    idx, _ = _route(_get(variables[mome.ROUTER], path), jnp.asarray(x[name]), model.mome,
+                    _get(variables[mome.BALANCE], path))
+    tables = _set(tables, path, mome.key_rows(_get(tables, path), np.asarray(idx), x[name],
+                                              model.mome, match))
+  return tables
+
+
 # ----------------------------------------------------------------------------
 # Both phases.
 # ----------------------------------------------------------------------------
@@ -734,7 +770,7 @@ def prepare(cfg: ModelConfig, params: Any, encoded: Sequence[data_lib.EncodedFac
   variables = {"params": params, mome.ROUTER: general[mome.ROUTER],
                mome.BALANCE: _replicate(zero_bias, mesh), mome.TABLE: general[mome.TABLE]}
   store = None if run_dir is None else _frozen_store(run_dir, label)
-  restored = None
+  restored, inputs = None, None
   if store is not None and resume and (store / COLLISIONS_FILE).is_file():
     ckpt = Checkpointer(store / "router", every=0)
     restored = ckpt.restore({mome.ROUTER: variables[mome.ROUTER], mome.BALANCE: variables[mome.BALANCE]})
@@ -758,6 +794,9 @@ def prepare(cfg: ModelConfig, params: Any, encoded: Sequence[data_lib.EncodedFac
                 {"label": label})
       ckpt.close()
       (store / COLLISIONS_FILE).write_text(json.dumps(collisions, indent=2) + "\n")
+  if spec.key_match:
+    variables[mome.TABLE] = key_experts(model.clone(mome_mesh=None), variables, encoded,
+                                        spec.key_match, inputs)
   frozen = _replicate({k: variables[k] for k in ("params", mome.ROUTER, mome.BALANCE)}, mesh)
   return Prepared(model, frozen, variables[mome.TABLE], collisions, general_seconds,
                   time.perf_counter() - t0)
@@ -792,7 +831,8 @@ def tune_mome(cfg: ModelConfig, params: Any, encoded: Sequence[data_lib.EncodedF
                        " see anchor_sequences)")
     frozen = {**frozen, ANCHOR: _replicate(jax.tree.map(jnp.asarray, anchors), mesh)}
   step = make_tuning_step(prepared.model, tx, mesh, mome_cfg.margin, mome_cfg.train_positions,
-                          focus_rows(encoded, train_cfg.batch_size, mome_cfg), anchor_cfg)
+                          focus_rows(encoded, train_cfg.batch_size, mome_cfg), anchor_cfg,
+                          train_down=not mome_cfg.key_match)
   result = train_lib.fit(step, state, frozen, encoded, train_cfg, pad_id=pad_id, label=label,
                          run_dir=run_dir, resume=resume, progress=progress, on_epoch=on_epoch,
                          stop_after_steps=stop_after_steps)

@@ -149,7 +149,7 @@ def test_torch_router_matches_route_with_ties_and_bias():
   # Integer-valued router weights and inputs: scores are exact, so ties are real and
   # must be broken as lamini_jax does (lower sub-key, then lower expert index).
   cfg = mome.MomeConfig(num_experts=35, embed_dim=7, expert_rank=2, num_heads=3, key_dim=4, top_k=6,
-                        activation="gelu", sub_keys=(5, 7))
+                        activation="gelu", sub_keys=(5, 7), threshold=0.7)
   rng = np.random.default_rng(0)
   router = {k: rng.integers(-1, 2, s).astype(np.float32) for k, s in mome.router_shapes(cfg).items()}
   balance = {"bias1": rng.integers(-1, 2, (3, 5)).astype(np.float32),
@@ -160,7 +160,8 @@ def test_torch_router_matches_route_with_ties_and_bias():
   idx, w = mome.route(jax.tree.map(jnp.asarray, router), jnp.asarray(x_TxD), cfg,
                       jax.tree.map(jnp.asarray, balance))
   layer = _torch_mome({"layers": [0], "num_experts": 35, "sub_keys": [5, 7], "expert_rank": 2,
-                       "num_heads": 3, "key_dim": 4, "top_k": 6, "activation": "gelu"}, 7)
+                       "num_heads": 3, "key_dim": 4, "top_k": 6, "activation": "gelu",
+                       "threshold": 0.7}, 7)
   layer.load_state_dict({k: torch.tensor(v) for k, v in {**router, **balance, **table}.items()})
   with torch.no_grad():
     t_idx, t_w = layer.route(torch.tensor(x_TxD))
@@ -180,6 +181,8 @@ def test_torch_mome_config_errors_name_the_field():
     _torch_mome(spec, 8)
   with pytest.raises(ValueError, match="config.mome.activation 'erf'"):
     _torch_mome({**spec, "layers": [0], "activation": "erf"}, 8)
+  with pytest.raises(ValueError, match="config.mome.threshold must be a finite number >= 0, got -1"):
+    _torch_mome({**spec, "layers": [0], "threshold": -1}, 8)
 
 
 # ---------------------------------------------------------------------------
@@ -299,7 +302,7 @@ def test_mistral_mome_export_with_untied_head_and_sliding_window(tmp_path):
                               num_kv_heads=2, head_dim=6, architecture="mistral", sliding_window=5,
                               max_position_embeddings=64)
   mome_cfg = mome.MomeConfig(num_experts=30, embed_dim=24, expert_rank=2, num_heads=2, key_dim=6, top_k=3,
-                             activation="silu", sub_keys=(5, 6))
+                             activation="silu", sub_keys=(5, 6), threshold=0.5)
   model = model_lib.Transformer(cfg, mome=mome_cfg, mome_layers=(0, 2))
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   variables = nn.meta.unbox(variables)

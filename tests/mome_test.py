@@ -50,6 +50,8 @@ def _brute_topk(scores_XxN, k):
     (dict(sub_keys=(15, 16)), "sub_keys"),
     (dict(activation="tanh"), "activation"),
     (dict(expert_rank=0), "expert_rank"),
+    (dict(threshold=-0.5), "threshold"),
+    (dict(threshold=math.inf), "threshold"),
 ])
 def test_config_rejects_bad_values(kwargs, field):
   with pytest.raises(ValueError, match=field):
@@ -185,6 +187,36 @@ def _batch(seed, cfg=CFG, tokens=TOKENS, max_expert=None):
   x = jax.random.normal(keys[2], (tokens, cfg.embed_dim))
   target = jax.random.normal(keys[3], (tokens, cfg.embed_dim))
   return idx, w, x, target
+
+
+def test_key_rows_equal_float64_and_fire_only_near_their_inputs():
+  cfg = mome.MomeConfig(num_experts=16, embed_dim=6, expert_rank=2, num_heads=1, key_dim=4, top_k=2,
+                        activation="relu", threshold=2.0)
+  table = mome.init_table(jax.random.key(0), cfg)
+  before = jax.tree.map(np.asarray, table)
+  rng = np.random.default_rng(1)
+  x_PxD = rng.normal(size=(5, 6)).astype(np.float32)
+  idx_PxK = np.array([[3, 7], [3, 9], [7, 9], [11, 3], [11, 11]])
+  keyed = jax.tree.map(np.asarray, mome.key_rows(table, idx_PxK, x_PxD, cfg, match=0.8))
+  for e in (3, 7, 9, 11):
+    slots = np.argwhere(idx_PxK == e)[:, 0]  # a position counts once per slot it selects e in
+    m = x_PxD.astype(np.float64)[slots].mean(axis=0)
+    want = 2.0 / 0.8 * m / (m @ m)
+    np.testing.assert_allclose(keyed["down"][e], np.repeat(want[:, None], 2, axis=1), rtol=1e-6)
+    # Fires above 0.8 of the key's own projection, by threshold * (proj / match - 1); silent below.
+    for proj in (1.0, 0.9, 0.79, 0.3, -1.0):
+      side = rng.normal(size=6)
+      side -= (side @ m) / (m @ m) * m  # orthogonal to m: no effect on the projection
+      x = (proj * m + 3.0 * side).astype(np.float32)
+      h = np.asarray(cfg.act(jnp.asarray(x @ keyed["down"][e])))
+      np.testing.assert_allclose(h, max(0.0, 2.0 * (proj / 0.8 - 1.0)), atol=1e-5)
+  others = np.setdiff1d(np.arange(16), idx_PxK)
+  np.testing.assert_array_equal(keyed["down"][others], before["down"][others])
+  np.testing.assert_array_equal(keyed["up"], before["up"])
+  with pytest.raises(ValueError, match="threshold > 0"):
+    mome.key_rows(mome.init_table(jax.random.key(0), CFG), idx_PxK, x_PxD, CFG, match=0.8)
+  with pytest.raises(ValueError, match="match=1.0"):
+    mome.key_rows(mome.init_table(jax.random.key(0), cfg), idx_PxK, x_PxD, cfg, match=1.0)
 
 
 def test_unique_rows_roundtrip_and_padding():

@@ -172,6 +172,37 @@ def test_answer_focus_trains_only_experts_of_positions_that_predict_answers(para
 
 
 
+def test_keyed_experts_fire_on_their_facts_and_train_up_only(params, encoded):
+  spec = dataclasses.replace(SPEC, activation="relu", threshold=2.0, key_match=0.8)
+  prepared = mtt.prepare(CFG, params, encoded, spec, pad_id=0)
+  model, start = prepared.model, prepared.variables(prepared.table)
+  x, fact_P = mtt.fact_inputs(model, start, encoded)
+  x = x["layers_2/mome"]
+  idx, _ = mome.route(start[mome.ROUTER]["layers_2"]["mome"], jnp.asarray(x), model.mome,
+                      start[mome.BALANCE]["layers_2"]["mome"])
+  idx = np.asarray(idx)
+  down = np.asarray(prepared.table["layers_2"]["mome"]["down"])
+  z_PxK = np.einsum("PD,PKD->PK", x, down[idx][..., 0]) - spec.threshold
+  alone = np.bincount(idx.ravel(), minlength=spec.num_experts)[idx] == 1
+  # An expert keyed to one position fires there with threshold * (1 / match - 1).
+  np.testing.assert_allclose(z_PxK[alone], 2.0 * (1 / 0.8 - 1), rtol=1e-4)
+  assert alone.sum() >= 5 and np.all(z_PxK[alone] > 0)
+  # Keyed rows are exactly those the answer positions select; the rest keep their init.
+  fresh = np.asarray(mtt.init_mome(model, spec.seed)[mome.TABLE]["layers_2"]["mome"]["down"])
+  changed = np.flatnonzero(np.any(down != fresh, axis=(1, 2)))
+  np.testing.assert_array_equal(changed, np.unique(idx))
+  assert len(np.unique(fact_P)) == len(encoded)
+  tx = TRAIN.optimizer.build()
+  step = mtt.make_tuning_step(model, tx, margin=spec.margin, train_down=False)
+  tokens, mask = _stack(encoded[:4])
+  state, metrics = step(mtt.tuning_state(prepared.table, tx, 0), prepared.frozen, tokens, mask)
+  after = state.trainable["layers_2"]["mome"]
+  np.testing.assert_array_equal(np.asarray(after["down"]), down)
+  assert np.any(np.asarray(after["up"]) != 0) and np.isfinite(float(metrics["loss"]))
+  with pytest.raises(ValueError, match="mome.key_match=0.8 must be in"):
+    dataclasses.replace(SPEC, key_match=0.8)
+
+
 def _anchor_pool(n=5, length=12, seed=6):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(3, CFG.vocab_size, size=(n, length)).astype(np.int32)

@@ -1,5 +1,6 @@
 """Tests for lamini_jax.sharding: rules, mesh, and the row-sharded MoME table (8 CPU devices)."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -108,6 +109,18 @@ def test_init_table_on_mesh_is_split_along_experts(mesh):
   for leaf in jax.tree.leaves(opt_state):
     assert leaf.shape[0] == CFG.num_experts
     assert {s.data.shape[0] for s in leaf.addressable_shards} == {CFG.num_experts // num_shards}
+
+
+def test_key_rows_of_a_sharded_table_stay_sharded_and_equal_unsharded(mesh):
+  keyed_cfg = dataclasses.replace(CFG, activation="relu", threshold=2.0)
+  rng = np.random.default_rng(3)
+  idx_PxK, x_PxD = rng.integers(0, CFG.num_experts, (9, 4)), rng.normal(size=(9, CFG.embed_dim))
+  keyed = mome.key_rows(mome.init_table(jax.random.PRNGKey(1), keyed_cfg, mesh), idx_PxK, x_PxD,
+                        keyed_cfg, 0.8)
+  want = mome.key_rows(mome.init_table(jax.random.PRNGKey(1), keyed_cfg), idx_PxK, x_PxD, keyed_cfg, 0.8)
+  for name, leaf in keyed.items():
+    assert leaf.sharding.spec == P("expert", None, None), name
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want[name]))
 
 
 def test_sharded_forward_equals_unsharded(mesh):

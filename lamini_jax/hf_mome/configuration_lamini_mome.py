@@ -11,7 +11,10 @@ are described by one extra field, `mome`, a dict:
   key_dim       Q router query width (even)
   top_k         S experts per head, so K = H * S experts per token
   activation    relu | gelu (tanh approximation, as jax.nn.gelu) | silu | identity
+  threshold     (optional, default 0) subtracted from down^T x before the activation
 """
+
+import math
 
 from transformers import LlamaConfig, MistralConfig
 
@@ -38,6 +41,9 @@ def mome_spec(config) -> dict:
     raise ValueError(f"config.mome.key_dim must be even, got {spec['key_dim']}")
   if spec["activation"] not in ACTIVATIONS:
     raise ValueError(f"config.mome.activation {spec['activation']!r} is not one of {ACTIVATIONS}")
+  threshold = spec.get("threshold", 0.0)
+  if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
+    raise ValueError(f"config.mome.threshold must be a finite number >= 0, got {threshold!r}")
   bad = [i for i in spec["layers"] if not 0 <= i < config.num_hidden_layers]
   if bad:
     raise ValueError(f"config.mome.layers {spec['layers']}: layer {bad[0]} is outside "

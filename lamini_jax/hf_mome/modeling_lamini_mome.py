@@ -78,6 +78,7 @@ class LaminiMome(nn.Module):
     n, r = spec["num_experts"], spec["expert_rank"]
     self.top_k = spec["top_k"]
     self.act = ACTIVATIONS[spec["activation"]]
+    self.threshold = float(spec.get("threshold", 0.0))
     self.query = nn.Parameter(torch.empty(d, h, q))
     self.keys1 = nn.Parameter(torch.empty(h, n1, q // 2))
     self.keys2 = nn.Parameter(torch.empty(h, n2, q // 2))
@@ -122,7 +123,7 @@ class LaminiMome(nn.Module):
     flat = idx_TxK.reshape(-1)
     down_TxKxDxR = self.down.index_select(0, flat).float().reshape(t, k, *self.down.shape[1:])
     up_TxKxRxD = self.up.index_select(0, flat).float().reshape(t, k, *self.up.shape[1:])
-    h_TxKxR = self.act(torch.einsum("TD,TKDR->TKR", x_TxD, down_TxKxDxR))
+    h_TxKxR = self.act(torch.einsum("TD,TKDR->TKR", x_TxD, down_TxKxDxR) - self.threshold)
     y_TxD = torch.einsum("TK,TKR,TKRD->TD", w_TxK, h_TxKxR, up_TxKxRxD)
     return y_TxD.reshape(x.shape).to(x.dtype)
 
