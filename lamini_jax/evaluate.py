@@ -28,6 +28,9 @@ from lamini_jax.model import Transformer
 from lamini_jax.train import token_nll
 
 
+ANSWER_HEAD = 4  # answer tokens in `answer_loss_head` (see truthfulqa_mc)
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
 def _row_nll(model: Transformer, variables: Any, tokens_BxT: jax.Array, mask_BxT: jax.Array):
   logits, _ = model.apply(variables, tokens_BxT)
@@ -40,8 +43,12 @@ def _bucket(n: int, multiple: int = 32) -> int:
 
 
 def score(model: Transformer, variables: Any, encoded: Sequence[data_lib.EncodedFact],
-          batch_size: int = 32, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """(summed log-likelihood of the masked tokens, their count) of every sequence."""
+          batch_size: int = 32, pad_id: int = 0,
+          first: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(summed log-likelihood of the masked tokens, their count) of every sequence.
+
+  `first`: only each sequence's first `first` masked tokens count.
+  """
   if not encoded:
     return np.zeros(0), np.zeros(0)
   longest = max(len(e.tokens) for e in encoded)
@@ -50,6 +57,8 @@ def score(model: Transformer, variables: Any, encoded: Sequence[data_lib.Encoded
                      f"{model.cfg.max_position_embeddings}")
   seq_len = min(_bucket(longest), model.cfg.max_position_embeddings)
   tokens_NxT, mask_NxT = data_lib.stack_encoded(encoded, seq_len, pad_id)
+  if first is not None:
+    mask_NxT = mask_NxT * (np.cumsum(mask_NxT > 0, axis=1) <= first)
   n = len(encoded)
   total = -(-n // batch_size) * batch_size
   tokens_NxT = np.pad(tokens_NxT, ((0, total - n), (0, 0)), constant_values=pad_id)
@@ -131,7 +140,10 @@ def truthfulqa_mc(model, variables, tokenizer, items: Sequence[data_lib.Truthful
 
   MC1: the best answer has the highest log-likelihood among it and the incorrect
   answers. MC2: the normalised probability mass of the correct answers among all
-  correct and incorrect ones. Answer loss: per-token NLL of the best answer and EOS.
+  correct and incorrect ones. Answer loss: per-token NLL of the best answer and EOS,
+  averaged per question; `answer_loss_head` and `answer_loss_tail` split it into
+  the first ANSWER_HEAD answer tokens, which follow the prompt's last words most
+  closely (e.g. "Answer:"), and the rest (of questions with more tokens).
   (The CSV's answer lists stand in for the hub's `mc1_targets` / `mc2_targets`.)
   """
   encoded, spans = [], []
@@ -150,8 +162,14 @@ def truthfulqa_mc(model, variables, tokenizer, items: Sequence[data_lib.Truthful
     mc2.append(p[:n_true].sum() / p.sum())
   facts = [data_lib.Fact(i.question, i.best_answer, f"heldout-{k}") for k, i in enumerate(items)]
   enc = data_lib.encode_facts(tokenizer, template, facts, model.cfg.max_position_embeddings)
+  ll, count = score(model, variables, enc, batch_size)
+  head_ll, head_count = score(model, variables, enc, batch_size, first=ANSWER_HEAD)
+  tail = count > head_count
   return {"mc1": float(np.mean(mc1)), "mc2": float(np.mean(mc2)),
-          "answer_loss": float(np.mean(fact_losses(model, variables, enc, batch_size)))}
+          "answer_loss": float(np.mean(-ll / np.maximum(count, 1))),
+          "answer_loss_head": float(np.mean(-head_ll / np.maximum(head_count, 1))),
+          "answer_loss_tail": (float(np.mean((head_ll[tail] - ll[tail]) / (count - head_count)[tail]))
+                               if tail.any() else float("nan"))}
 
 
 def mmlu_accuracy(model, variables, tokenizer, dev: Sequence[data_lib.MMLUItem],

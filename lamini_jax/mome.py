@@ -607,9 +607,10 @@ def collision_report(experts_per_fact: Sequence[np.ndarray]) -> CollisionReport:
   """Counts experts shared by two or more facts. Negative entries are padding."""
   sets = [np.unique(np.asarray(e)[np.asarray(e) >= 0]) for e in experts_per_fact]
   every = np.concatenate(sets) if sets else np.zeros((0,), np.int64)
-  experts, counts = np.unique(every, return_counts=True)
+  fact_of = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
+  experts, inv, counts = np.unique(every, return_inverse=True, return_counts=True)
   shared = experts[counts >= 2]
-  colliding = sum(bool(np.isin(s, shared).any()) for s in sets)
+  colliding = np.unique(fact_of[counts[inv] >= 2]).size  # one pass, not an isin per fact
   num_facts = len(sets)
   return CollisionReport(
       num_facts=num_facts,

@@ -229,14 +229,24 @@ def _mome_collections(model: Transformer, key: jax.Array) -> dict[str, Any]:
   return {c: variables[c] for c in (mome.ROUTER, mome.BALANCE, mome.TABLE)}
 
 
-def init_mome(model: Transformer, seed: int, mesh: Mesh | None = None) -> dict[str, Any]:
+def init_mome(model: Transformer, seed: int, mesh: Mesh | None = None,
+              zero_down: bool = False) -> dict[str, Any]:
   """Fresh router, zero balance and table (up = 0) of every MoME layer.
 
   With a mesh, each leaf is created directly with its sharding (the table split
   over `expert`, the rest replicated); the table never exists on one device.
+  `zero_down`: down = 0 as well, and its N x D normals are never drawn (XLA
+  drops them). For keyed experts without phase 1 (`generalize`): every row that
+  phase 2 trains is keyed first, and the others output 0 whatever their down.
   """
   key = jax.random.key(seed)
-  init = lambda k: nn.meta.unbox(_mome_collections(model, k))
+
+  def init(k):
+    fresh = nn.meta.unbox(_mome_collections(model, k))
+    if zero_down:
+      fresh[mome.TABLE] = mome.map_layers(lambda t: {**t, "down": jnp.zeros_like(t["down"])},
+                                          fresh[mome.TABLE])
+    return fresh
   if mesh is None:
     return jax.jit(init)(key)
   specs = nn.get_partition_spec(jax.eval_shape(lambda k: _mome_collections(model, k), key))
@@ -529,7 +539,7 @@ def generalize(model: Transformer, params: Any, spec: MomeTuningConfig, windows_
   """
   t0 = time.perf_counter()
   g = spec.generalization
-  fresh = init_mome(model, spec.seed, mesh)
+  fresh = init_mome(model, spec.seed, mesh, zero_down=bool(spec.key_match) and g.epochs == 0)
   result = {mome.ROUTER: fresh[mome.ROUTER], mome.TABLE: fresh[mome.TABLE]}
   if g.epochs == 0:
     return result, time.perf_counter() - t0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Sequence
 
-MODEL_COLUMNS = ("perplexity", "mc1", "mc2", "answer_loss", "mmlu_acc")
+MODEL_COLUMNS = ("perplexity", "mc1", "mc2", "answer_loss", "answer_loss_head", "answer_loss_tail",
+                 "mmlu_acc")
 
 
 def plot_loss_curves(histories: dict[str, list[dict[str, Any]]], path: pathlib.Path,

@@ -25,12 +25,17 @@ def _loglik(model, params, tokens, mask, width=512):
   The sequence is right-padded to a fixed width (one compilation); causal
   attention makes the padding invisible to the positions that are scored.
   """
+  return sum(_token_logliks(model, params, tokens, mask, width))
+
+
+def _token_logliks(model, params, tokens, mask, width=512):
+  """The float64 log-likelihood of each masked token of one sequence, in order."""
   buffer = np.zeros((1, width), np.int32)
   buffer[0, :len(tokens)] = tokens
   logits = _forward(model)(params, jnp.asarray(buffer))
   lp = np.asarray(logits[0, :len(tokens)], np.float64)
   lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
-  return sum(lp[t - 1, tokens[t]] for t in range(1, len(tokens)) if mask[t])
+  return [lp[t - 1, tokens[t]] for t in range(1, len(tokens)) if mask[t]]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +72,15 @@ def test_truthfulqa_mc_from_log_likelihoods(setup, stories_tokenizer):
     mc2.append(p[:n_true].sum() / p.sum())
   assert got["mc1"] == pytest.approx(np.mean(mc1))
   assert got["mc2"] == pytest.approx(np.mean(mc2), rel=1e-4)
-  assert got["answer_loss"] > 0
+  # Answer loss per question (best answer + EOS), and its first ANSWER_HEAD tokens and the rest.
+  facts = [data_lib.Fact(i.question, i.best_answer, str(k)) for k, i in enumerate(items)]
+  nll = [-np.array(_token_logliks(model, params, e.tokens, e.loss_mask))
+         for e in data_lib.encode_facts(stories_tokenizer, TEMPLATE, facts, 512)]
+  head = eval_lib.ANSWER_HEAD
+  assert all(len(n) > head for n in nll)
+  assert got["answer_loss"] == pytest.approx(np.mean([n.mean() for n in nll]), rel=1e-4)
+  assert got["answer_loss_head"] == pytest.approx(np.mean([n[:head].mean() for n in nll]), rel=1e-4)
+  assert got["answer_loss_tail"] == pytest.approx(np.mean([n[head:].mean() for n in nll]), rel=1e-4)
 
 
 def test_mmlu_accuracy_and_perplexity(setup, stories_tokenizer, shared_dir):

@@ -187,10 +187,13 @@ def test_keyed_experts_fire_on_their_facts_and_train_up_only(params, encoded):
   # An expert keyed to one position fires there with threshold * (1 / match - 1).
   np.testing.assert_allclose(z_PxK[alone], 2.0 * (1 / 0.8 - 1), rtol=1e-4)
   assert alone.sum() >= 5 and np.all(z_PxK[alone] > 0)
-  # Keyed rows are exactly those the answer positions select; the rest keep their init.
-  fresh = np.asarray(mtt.init_mome(model, spec.seed)[mome.TABLE]["layers_2"]["mome"]["down"])
-  changed = np.flatnonzero(np.any(down != fresh, axis=(1, 2)))
-  np.testing.assert_array_equal(changed, np.unique(idx))
+  # Keyed rows are exactly those the answer positions select; without phase 1 the
+  # rest start at down = 0 (never drawn), and every row still starts with up = 0.
+  zero = mtt.init_mome(model, spec.seed, zero_down=True)[mome.TABLE]["layers_2"]["mome"]
+  assert not np.any(np.asarray(zero["down"])) and not np.any(np.asarray(zero["up"]))
+  np.testing.assert_array_equal(np.flatnonzero(np.any(down != 0, axis=(1, 2))), np.unique(idx))
+  drawn = np.asarray(mtt.init_mome(model, spec.seed)[mome.TABLE]["layers_2"]["mome"]["down"])
+  assert np.all(np.any(drawn != 0, axis=(1, 2)))  # the default still draws every row
   assert len(np.unique(fact_P)) == len(encoded)
   tx = TRAIN.optimizer.build()
   step = mtt.make_tuning_step(model, tx, margin=spec.margin, train_down=False)
@@ -371,6 +374,7 @@ def _windows():
   return np.random.default_rng(9).integers(3, CFG.vocab_size, (6, 13)).astype(np.int32)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_the_uninterrupted_run(params, encoded, tmp_path):
   spec = dataclasses.replace(SPEC, generalization=mtt.GeneralizationConfig(
       epochs=1, windows=6, seq_len=12, batch_size=3, router_learning_rate=1e-2,

@@ -13,6 +13,8 @@ from experiments import randomization
 from lamini_jax import memory_tuning as mt
 from lamini_jax import yaml_config
 
+pytestmark = pytest.mark.slow  # every case here needs a whole (tiny) run of the experiment
+
 TINY = ["data.n_train=8", "data.n_heldout=4", "train.epochs=4", "train.batch_size=4",
         "train.checkpoint_every=2", "eval.mmlu_questions=4", "eval.ppl_windows=2",
         "eval.recall_every=2", "eval.table_rows=2", "train.length_bucket=null"]
@@ -60,7 +62,6 @@ def test_existing_run_needs_resume(tiny_run):
   assert randomization.main(["--set", "train.epochs=0", "--run-dir", str(run_dir)]) == 2
 
 
-@pytest.mark.slow
 def test_sigkill_then_resume_finishes_with_the_same_metrics(tiny_run, tmp_path):
   _, reference = tiny_run
   run_dir = tmp_path / "killed"

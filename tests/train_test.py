@@ -96,6 +96,7 @@ def test_merged_weights_give_the_adapted_logits(trained, stories):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(stories, encoded, tmp_path):
   cfg, params = stories
   tc = train_lib.TrainConfig(epochs=3, batch_size=4, seq_len=128, seed=1, checkpoint_every=2,
