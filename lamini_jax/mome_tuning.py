@@ -236,8 +236,10 @@ def init_mome(model: Transformer, seed: int, mesh: Mesh | None = None,
   With a mesh, each leaf is created directly with its sharding (the table split
   over `expert`, the rest replicated); the table never exists on one device.
   `zero_down`: down = 0 as well, and its N x D normals are never drawn (XLA
-  drops them). For keyed experts without phase 1 (`generalize`): every row that
-  phase 2 trains is keyed first, and the others output 0 whatever their down.
+  drops them). For keyed experts without phase 1 (`generalize`): the rows the
+  facts select are keyed before phase 2; any other row computes act(-threshold),
+  0 with "relu" and no gradient for its up, so an expert that only a later
+  layer's moving input selects in phase 2 stays silent (a random down could fire).
   """
   key = jax.random.key(seed)
 

@@ -213,6 +213,7 @@ def _anchor_pool(n=5, length=12, seed=6):
   return {"tokens": np.where(mask > 0, tokens, 0).astype(np.int32), "mask": mask}
 
 
+@pytest.mark.slow  # a dense jax.grad over the whole table: runs in CI after the fast suite
 def test_sparse_step_applies_the_dense_gradient_to_the_trained_rows_only(params, encoded):
   # MoME at layers 0 and 2: prompt and anchor positions reach the loss through
   # attention and the later layer. One plain SGD step moves each trained row
@@ -269,6 +270,7 @@ def test_sparse_step_applies_the_dense_gradient_to_the_trained_rows_only(params,
       assert np.any(np.asarray(dense[name]["mome"]["up"])[others] != 0)
 
 
+@pytest.mark.slow  # a few anchored training steps: runs in CI after the fast suite
 def test_anchors_keep_the_mome_silent_on_anchor_text_and_facts_still_train(params, encoded):
   prepared = mtt.prepare(CFG, params, encoded, SPEC, pad_id=0)
   model, pool = prepared.model, _anchor_pool(n=7)
