@@ -1,7 +1,8 @@
 """Tokens per second of greedy decoding through `lamini_jax.generate.generate`.
 
 Models: the pretrained stories260K from `../shared`, and a random
-Llama-3-8B-shaped model cut to 2 layers (bfloat16 by default). Each (model,
+Llama-3-8B-shaped model (`lamini_jax.config.llama3_8b`) cut to 2 layers
+(bfloat16 by default). Each (model,
 batch) pair runs the library's own path (jitted prefill, then a
 `lax.while_loop` of one-token steps over the KV cache) on prompts of fixed
 length, with no end-of-sequence id so that every call makes exactly N tokens.
@@ -33,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lamini_jax.config import ModelConfig, llama3_8b
+from lamini_jax.generate import SamplingConfig, generate
 from lamini_jax import hf
 from lamini_jax import model as model_lib
-from lamini_jax.config import ModelConfig, RopeScaling
-from lamini_jax.generate import SamplingConfig, generate
 
 _DTYPES = ("float32", "bfloat16")
 # Default (new tokens, prompt length) per model: sized so the whole CPU run takes minutes.
@@ -85,19 +86,6 @@ class BenchConfig:
     return self.new_tokens or new, self.prompt_len or prompt
 
 
-def llama3_8b_config(num_layers: int = 2, dtype: str = "bfloat16",
-                     compute_dtype: str = "bfloat16") -> ModelConfig:
-  """Llama-3-8B's shape (llama3 RoPE scaling, GQA 32/8, untied), cut to `num_layers`."""
-  return ModelConfig(
-      vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=num_layers,
-      num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=8192,
-      rms_norm_eps=1e-5, rope_theta=500000.0,
-      rope_scaling=RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                               high_freq_factor=4.0, original_max_position_embeddings=8192),
-      tie_word_embeddings=False, bos_token_id=128000, eos_token_ids=(128001,),
-      param_dtype=dtype, compute_dtype=compute_dtype)
-
-
 def load_model(name: str, bench: BenchConfig) -> tuple[ModelConfig, dict[str, Any]]:
   """(config, variables) of a benchmark model, with no end-of-sequence id.
 
@@ -108,7 +96,7 @@ def load_model(name: str, bench: BenchConfig) -> tuple[ModelConfig, dict[str, An
     cfg, params, _ = hf.load_pretrained(bench.stories_dir, bench.stories_dtype, bench.stories_dtype)
     variables = {"params": params}
   else:
-    cfg = llama3_8b_config(2, bench.dtype, bench.compute_dtype or bench.dtype)
+    cfg = llama3_8b(2, param_dtype=bench.dtype, compute_dtype=bench.compute_dtype or bench.dtype)
     variables = random_variables(model_lib.Transformer(cfg), bench.seed)
   return cfg.replace(eos_token_ids=()), variables
 

@@ -36,9 +36,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from kernels import dispatch
-from kernels import gather_apply as ga
-from lamini_jax import mome
+from lamini_jax.mome import table as table_lib
+from lamini_jax_kernels import dispatch
+from lamini_jax_kernels import gather_apply as ga
 
 PASSES = ("forward", "rows", "train", "scatter")
 
@@ -57,7 +57,7 @@ class BenchConfig:
   reps: int = 3
   min_seconds: float = 1.0
   copy_mib: int = 64
-  triton_blocks: tuple[int, ...] | None = None  # kernels.gpu BlockSizes fields, in order
+  triton_blocks: tuple[int, ...] | None = None  # lamini_jax_kernels.gpu BlockSizes fields, in order
 
   def __post_init__(self):
     for field in ("tokens", "slots", "width", "rank", "log2_experts", "reps", "copy_mib"):
@@ -120,7 +120,7 @@ def make_inputs(bench: BenchConfig, key: jax.Array) -> dict[str, jax.Array]:
 
   @jax.jit
   def sparse(idx, down, up):
-    uniq, inv = mome.unique_rows(idx, n)
+    uniq, inv = table_lib.unique_rows(idx, n)
     return inv, jnp.take(down, uniq, axis=0, mode="clip"), jnp.take(up, uniq, axis=0, mode="clip")
 
   inputs["inv"], inputs["rows_down"], inputs["rows_up"] = sparse(inputs["idx"], inputs["down"],
@@ -146,7 +146,7 @@ def pass_fn(impl: str, name: str, bench: BenchConfig) -> tuple[Callable[..., obj
   """(jitted function, names of its inputs) for one implementation and pass."""
   blocks = None
   if impl == "triton" and bench.triton_blocks is not None:
-    from kernels.gpu import gather_apply as gpu_ga  # pylint: disable=g-import-not-at-top
+    from lamini_jax_kernels.gpu import gather_apply as gpu_ga  # pylint: disable=g-import-not-at-top
     blocks = gpu_ga.BlockSizes(*bench.triton_blocks)
   fn = (ga.gather_apply_reference if impl == "xla"
         else dispatch.get_gather_apply(impl, block_sizes=blocks))

@@ -23,6 +23,7 @@ every size alike; each figure is the median of the timed steps after warm-up.
 import argparse
 import dataclasses
 import functools
+import pathlib
 import statistics
 import time
 
@@ -30,7 +31,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lamini_jax import mome
+from lamini_jax.data import batches as batch_lib
+from lamini_jax.data import encoding
+from lamini_jax.mome import config as mome_config
+from lamini_jax.mome import layer as layer_lib
+from lamini_jax.mome import router as router_lib
+from lamini_jax.mome import sparse_optim
+from lamini_jax.mome import steps as steps_lib
+from lamini_jax.mome import table as table_lib
+from lamini_jax.mome import tuning as mome_tuning
+from lamini_jax import runs
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,34 +68,34 @@ class BenchConfig:
     if not self.log2_sizes or min(self.log2_sizes) < 4:
       raise ValueError(f"BenchConfig.log2_sizes={self.log2_sizes} must be non-empty, each >= 4")
 
-  def mome_config(self, log2_n: int) -> mome.MomeConfig:
-    return mome.MomeConfig(
+  def mome_config(self, log2_n: int) -> mome_config.MomeConfig:
+    return mome_config.MomeConfig(
         num_experts=2**log2_n, embed_dim=self.embed_dim, expert_rank=self.expert_rank,
         num_heads=self.num_heads, key_dim=self.key_dim, top_k=self.top_k, activation="gelu")
 
 
 def _loss(rows, idx_TxK, w_TxK, x_TxD, target_TxD, cfg):
-  y_TxD = mome.apply_experts(x_TxD, idx_TxK, w_TxK, rows, cfg)
+  y_TxD = table_lib.apply_experts(x_TxD, idx_TxK, w_TxK, rows, cfg)
   return jnp.mean((y_TxD - target_TxD) ** 2)
 
 
 def sparse_tuning_step(table, opt_state, idx_TxK, w_TxK, x_TxD, target_TxD, *, cfg, tx):
   """Memory-tuning step on routed tokens: unique rows, row gradients, row update."""
   loss_fn = functools.partial(_loss, cfg=cfg)
-  loss, grads_rows, uniq_U = mome.row_grads(loss_fn, table, idx_TxK, w_TxK, x_TxD, target_TxD)
-  table, opt_state = mome.sparse_step(table, opt_state, grads_rows, uniq_U, tx=tx)
+  loss, grads_rows, uniq_U = sparse_optim.row_grads(loss_fn, table, idx_TxK, w_TxK, x_TxD, target_TxD)
+  table, opt_state = sparse_optim.sparse_step(table, opt_state, grads_rows, uniq_U, tx=tx)
   return table, opt_state, loss
 
 
 def routed_sparse_step(table, opt_state, router, x_TxD, target_TxD, *, cfg, tx):
-  idx_TxK, w_TxK = mome.route(router, x_TxD, cfg)
+  idx_TxK, w_TxK = router_lib.route(router, x_TxD, cfg)
   return sparse_tuning_step(table, opt_state, idx_TxK, w_TxK, x_TxD, target_TxD, cfg=cfg, tx=tx)
 
 
 def routed_dense_step(table, opt_state, router, x_TxD, target_TxD, *, cfg, tx):
-  idx_TxK, w_TxK = mome.route(router, x_TxD, cfg)
+  idx_TxK, w_TxK = router_lib.route(router, x_TxD, cfg)
   loss, grads = jax.value_and_grad(_loss)(table, idx_TxK, w_TxK, x_TxD, target_TxD, cfg)
-  table, opt_state = mome.dense_step(table, opt_state, grads, tx=tx)
+  table, opt_state = sparse_optim.dense_step(table, opt_state, grads, tx=tx)
   return table, opt_state, loss
 
 
@@ -92,8 +104,8 @@ class _Runner:
 
   def __init__(self, fn, cfg, tx, args, key):
     self.step = jax.jit(functools.partial(fn, cfg=cfg, tx=tx), donate_argnames=("table", "opt_state"))
-    self.table = mome.init_table(key, cfg)
-    self.opt_state = mome.init_expert_opt_state(self.table, tx)
+    self.table = table_lib.init_table(key, cfg)
+    self.opt_state = sparse_optim.init_expert_opt_state(self.table, tx)
     self.args = args
     self.times = []
 
@@ -114,8 +126,8 @@ def run(bench: BenchConfig) -> list[dict]:
   sparse = {}
   for log2_n in bench.log2_sizes:
     cfg = bench.mome_config(log2_n)
-    router = mome.init_router(keys[2], cfg)
-    idx_TxK, w_TxK = jax.jit(functools.partial(mome.route, cfg=cfg))(router, x_TxD)
+    router = router_lib.init_router(keys[2], cfg)
+    idx_TxK, w_TxK = jax.jit(functools.partial(router_lib.route, cfg=cfg))(router, x_TxD)
     sparse[log2_n] = {
         "routed": _Runner(routed_sparse_step, cfg, tx, (router, x_TxD, target_TxD), keys[3]),
         "step": _Runner(sparse_tuning_step, cfg, tx, (idx_TxK, w_TxK, x_TxD, target_TxD), keys[3]),
@@ -131,7 +143,7 @@ def run(bench: BenchConfig) -> list[dict]:
     row["dense"] = None
     if row["log2_n"] <= bench.dense_max_log2:
       cfg = bench.mome_config(row["log2_n"])
-      runner = _Runner(routed_dense_step, cfg, tx, (mome.init_router(keys[2], cfg), x_TxD, target_TxD),
+      runner = _Runner(routed_dense_step, cfg, tx, (router_lib.init_router(keys[2], cfg), x_TxD, target_TxD),
                        keys[3])
       for i in range(bench.warmup + bench.dense_reps):
         runner(timed=i >= bench.warmup)
@@ -172,14 +184,13 @@ def format_table(bench: BenchConfig, results: list[dict]) -> str:
 
 def _full_batch(batch_size: int):
   """(config, params, facts, tokens_BxT, mask_BxT): stories260K and the first batch of random facts."""
-  from lamini_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from lamini_jax import memory_tuning as mt  # pylint: disable=g-import-not-at-top
-  run_cfg = mt.load_run_config(mt.REPO / "configs" / "randomization_cpu.yaml")
-  model_cfg, params, tokenizer, _ = mt.load_backbone(run_cfg.model)
-  facts, _, _ = mt.facts_and_heldout(run_cfg.data, "random")
-  encoded = data_lib.encode_facts(tokenizer, mt.prompt_template(run_cfg.data), facts, run_cfg.data.max_len)
+  run_cfg = runs.load_run_config(REPO / "configs" / "randomization_cpu.yaml")
+  backbone = runs.load_backbone(run_cfg.model)
+  model_cfg, params, tokenizer = backbone.cfg, backbone.params, backbone.tokenizer
+  facts, _, _ = runs.facts_and_heldout(run_cfg.data, "random")
+  encoded = encoding.encode_facts(tokenizer, runs.prompt_template(run_cfg.data), facts, run_cfg.data.max_len)
   train = run_cfg.mome.train
-  batch = next(iter(data_lib.epoch_batches(encoded, batch_size, train.seq_len, 0, train.seed, 0,
+  batch = next(iter(batch_lib.epoch_batches(encoded, batch_size, train.seq_len, 0, train.seed, 0,
                                            train.length_bucket)))
   return model_cfg, params, encoded, jnp.asarray(batch.tokens_BxT), jnp.asarray(batch.loss_mask_BxT)
 
@@ -188,11 +199,10 @@ class _FullRunner:
   """One memory-tuning step variant at one N: its donated train state."""
 
   def __init__(self, make_step, model_cfg, params, spec, tx, tokens_BxT, mask_BxT, **step_kwargs):
-    from lamini_jax import mome_tuning as mtt  # pylint: disable=g-import-not-at-top
-    model = mtt.mome_model(model_cfg, spec)
-    init = mtt.init_mome(model, spec.seed)
-    self.frozen = {"params": params, mome.ROUTER: init[mome.ROUTER], mome.BALANCE: init[mome.BALANCE]}
-    self.state = mtt.tuning_state(init[mome.TABLE], tx, 0)
+    model = mome_tuning.mome_model(model_cfg, spec)
+    init = mome_tuning.init_mome(model, spec.seed)
+    self.frozen = {"params": params, layer_lib.ROUTER: init[layer_lib.ROUTER], layer_lib.BALANCE: init[layer_lib.BALANCE]}
+    self.state = mome_tuning.tuning_state(init[layer_lib.TABLE], tx, 0)
     self.step = make_step(model, tx, margin=spec.margin, **step_kwargs)
     self.batch = (tokens_BxT, mask_BxT)
     self.times = []
@@ -207,17 +217,16 @@ class _FullRunner:
 
 def run_full(bench: BenchConfig, layers: tuple[int, ...], batch_size: int) -> tuple[list[dict], tuple]:
   """Median seconds of the sparse and the dense full step per N; sparse sizes round-robin."""
-  from lamini_jax import mome_tuning as mtt  # pylint: disable=g-import-not-at-top
   model_cfg, params, encoded, tokens_BxT, mask_BxT = _full_batch(batch_size)
   tx = optax.adafactor(bench.learning_rate, multiply_by_parameter_scale=False)
 
   def spec(log2_n):
-    return mtt.MomeTuningConfig(
-        layers=layers, num_experts=2**log2_n, expert_rank=bench.expert_rank,
-        num_heads=bench.num_heads, key_dim=bench.key_dim, top_k=bench.top_k)
+    return mome_config.MomeTuningConfig(layers=layers, layer=mome_config.MomeConfig(
+        num_experts=2**log2_n, expert_rank=bench.expert_rank, num_heads=bench.num_heads,
+        key_dim=bench.key_dim, top_k=bench.top_k))
 
-  sparse = {n: _FullRunner(mtt.make_tuning_step, model_cfg, params, spec(n), tx, tokens_BxT, mask_BxT,
-                           rows=mtt.focus_rows(encoded, batch_size, spec(n)))
+  sparse = {n: _FullRunner(steps_lib.make_tuning_step, model_cfg, params, spec(n), tx, tokens_BxT, mask_BxT,
+                           rows=steps_lib.focus_rows(encoded, batch_size, spec(n)))
             for n in bench.log2_sizes}
   for i in range(bench.warmup + bench.reps):
     for runner in sparse.values():
@@ -226,7 +235,7 @@ def run_full(bench: BenchConfig, layers: tuple[int, ...], batch_size: int) -> tu
   del sparse
   for row in results:
     if row["log2_n"] <= bench.dense_max_log2:
-      runner = _FullRunner(mtt.make_dense_tuning_step, model_cfg, params, spec(row["log2_n"]), tx,
+      runner = _FullRunner(steps_lib.make_dense_tuning_step, model_cfg, params, spec(row["log2_n"]), tx,
                            tokens_BxT, mask_BxT)
       for i in range(bench.warmup + bench.dense_reps):
         runner(timed=i >= bench.warmup)

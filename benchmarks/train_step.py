@@ -2,10 +2,10 @@
 
 Rows: the LoRA step (`train.make_lora_step`: LoRA r=32 on q, k, v, o, gate, up,
 down, Adafactor as in the paper's Appendix A, `OptimizerConfig()` defaults) and
-the MoME step (`mome_tuning.make_tuning_step`: frozen router, sparse row
+the MoME step (`steps_lib.make_tuning_step`: frozen router, sparse row
 updates of a table of `--experts` rank-1 experts at the last layer, Adafactor
 per row and the decision-hinge margin, `MomeTuningConfig()` defaults). The
-backbone is random and Llama-3-8B-shaped (`benchmarks.decode.llama3_8b_config`),
+backbone is random and Llama-3-8B-shaped (`lamini_jax.config.llama3_8b`),
 `--layers` deep (default 1 on CPU, 32 on an accelerator); its parameters and
 all matmul inputs are `--dtype`, accumulation float32; the LoRA weights and the
 expert table are float32.
@@ -19,15 +19,15 @@ Timing: the step is compiled ahead of time (`jit(...).lower(...).compile()`),
 run `--warmup` times, then `--steps` times, each ended by block_until_ready;
 figures are medians. tokens/s = batch * seq / step time.
 
-FLOPs per token, `lamini_jax.cost`'s convention (model FLOPs, PaLM app. B): a
+FLOPs per token, `lamini_jax.flops`'s convention (model FLOPs, PaLM app. B): a
 frozen matmul parameter costs 4 (2 forward + 2 for the activation gradient, no
 weight gradient), a trainable one 6, attention 3 * 4 L T d:
   LoRA  4 N + 6 N_lora + 3 A
   MoME  4 (N + N_router) + 6 K * 2 D R + 3 A
-with N the backbone's matmul parameters (`cost.llama_matmul_params`, output head
+with N the backbone's matmul parameters (`flops.llama_matmul_params`, output head
 included), N_router the router's per-token matmul parameters and K * 2 D R the
 expert parameters touched per token. MFU = tokens/s * FLOPs per token / peak:
-the dense bf16 datasheet peak of `cost.ACCELERATORS` on a GPU or TPU, on CPU
+the dense bf16 datasheet peak of `paper_cost.ACCELERATORS` on a GPU or TPU, on CPU
 the measured rate of a 2048^3 `jnp.dot` in `--dtype` (labelled "measured").
 XLA's own count for the compiled step (`cost_analysis`) is printed beside it:
 it counts what runs, e.g. no backward below the MoME layer.
@@ -50,23 +50,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.decode import llama3_8b_config, random_variables
-from experiments.compute_cost import mome_active_params, mome_router_params
-from kernels import dispatch
-from lamini_jax import cost
-from lamini_jax import mome as mome_lib
-from lamini_jax import mome_tuning
-from lamini_jax import train as train_lib
-from lamini_jax.config import ModelConfig
+from benchmarks.decode import random_variables
+from lamini_jax.config import ModelConfig, llama3_8b
+from lamini_jax import flops as flops_lib
 from lamini_jax.lora import LoraConfig, count_params
+from lamini_jax import lora_tuning
 from lamini_jax.model import Transformer, abstract_variables
+from lamini_jax.mome import config as mome_config
+from lamini_jax.mome import layer as layer_lib
+from lamini_jax.mome import steps as steps_lib
+from lamini_jax.mome import tuning as mome_tuning
+from lamini_jax import paper_cost
+from lamini_jax import train as train_lib
+from lamini_jax_kernels import dispatch
 
 METHODS = ("lora", "mome")
 _DTYPES = ("bfloat16", "float32")
 # Defaults by platform: (layers, batch).
 CPU_DEFAULTS = (1, 4)
 ACCELERATOR_DEFAULTS = (32, 32)
-# device_kind substrings -> `cost.ACCELERATORS` names (SXM parts; a PCIe H100 is slower).
+# device_kind substrings -> `paper_cost.ACCELERATORS` names (SXM parts; a PCIe H100 is slower).
 DEVICE_KINDS = (("H100", "H100"), ("H200", "H200"), ("A100", "A100"), ("MI300X", "MI300X"),
                 ("TPU v5 lite", "TPUv5e"), ("TPU v5e", "TPUv5e"), ("TPU v5p", "TPUv5p"))
 PEAK_MATMUL_SIZE = 2048
@@ -87,7 +90,7 @@ class BenchConfig:
   experts: int = 2**16
   mome_layers: tuple[int, ...] | None = None  # None: the last layer
   gather_apply: str = "auto"
-  margin: float = mome_tuning.MomeTuningConfig().margin
+  margin: float = mome_config.MomeTuningConfig().margin
   peak_tflops: float | None = None  # overrides the table / the CPU measurement
   seed: int = 0
 
@@ -121,9 +124,10 @@ class BenchConfig:
     return dataclasses.replace(self, layers=layers, batches=self.batches or (batch,),
                                mome_layers=tuple(mome_layers))
 
-  def mome_spec(self) -> mome_tuning.MomeTuningConfig:
-    return mome_tuning.MomeTuningConfig(layers=self.mome_layers, num_experts=self.experts,
-                                        margin=self.margin)
+  def mome_spec(self) -> mome_config.MomeTuningConfig:
+    default = mome_config.MomeTuningConfig()
+    return dataclasses.replace(default, layers=self.mome_layers, margin=self.margin,
+                               layer=dataclasses.replace(default.layer, num_experts=self.experts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,11 +162,11 @@ def peak_of(device: Any, bench: BenchConfig) -> Peak:
   kind = device.device_kind
   for part, name in DEVICE_KINDS:
     if part in kind and not any(variant in kind for variant in ("PCIe", "NVL")):
-      acc = cost.ACCELERATORS[name]
+      acc = paper_cost.ACCELERATORS[name]
       return Peak(acc.peak_flops_bf16, f"{acc.peak_flops_bf16 / 1e12:.1f} TFLOP/s dense bf16 "
                   f"({acc.source})")
-  raise ValueError(f"no datasheet peak for device {kind!r} in lamini_jax.cost.ACCELERATORS; "
-                   "pass --peak-tflops")
+  raise ValueError(f"no datasheet peak for device {kind!r} in "
+                   "lamini_jax.paper_cost.ACCELERATORS; pass --peak-tflops")
 
 
 def backbone_params(cfg: ModelConfig, seed: int, platform: str) -> Any:
@@ -183,16 +187,16 @@ def backbone_params(cfg: ModelConfig, seed: int, platform: str) -> Any:
 
 
 def model_flops_per_token(cfg: ModelConfig, method: str, bench: BenchConfig) -> tuple[float, int]:
-  """(model FLOPs per token by cost.py's convention, trainable parameters touched per token)."""
-  frozen = cost.llama_matmul_params(cfg)
-  attention = cost.attention_flops_per_token(cfg.num_layers, bench.seq, cfg.num_heads * cfg.head_dim)
+  """(model FLOPs per token by flops.py's convention, trainable parameters touched per token)."""
+  frozen = flops_lib.llama_matmul_params(cfg)
+  attention = flops_lib.attention_flops_per_token(cfg, bench.seq)
   if method == "lora":
-    trainable = cost.lora_params(cfg, bench.lora_rank)
+    trainable = flops_lib.lora_params(cfg, bench.lora_rank)
   else:
     layer = bench.mome_spec().layer_config(cfg.hidden_size)
-    frozen += len(bench.mome_layers) * mome_router_params(layer)
-    trainable = len(bench.mome_layers) * mome_active_params(layer)
-  return cost.model_flops_per_token(frozen, trainable, attention_flops=attention), trainable
+    frozen += len(bench.mome_layers) * flops_lib.mome_router_params(layer)
+    trainable = len(bench.mome_layers) * flops_lib.mome_active_params(layer)
+  return flops_lib.model_flops_per_token(frozen, trainable, attention_flops=attention), trainable
 
 
 def build_step(cfg: ModelConfig, params: Any, method: str, bench: BenchConfig):
@@ -200,15 +204,15 @@ def build_step(cfg: ModelConfig, params: Any, method: str, bench: BenchConfig):
   if method == "lora":
     model = Transformer(cfg, lora=LoraConfig(rank=bench.lora_rank))
     opt_cfg = train_lib.OptimizerConfig()
-    state = train_lib.init_lora_state(model, opt_cfg.build(), bench.seed)
-    return train_lib.make_lora_step(model, opt_cfg), state, params, count_params(state.trainable)
+    state = lora_tuning.init_lora_state(model, opt_cfg.build(), bench.seed)
+    return lora_tuning.make_lora_step(model, opt_cfg), state, params, count_params(state.trainable)
   spec = bench.mome_spec()
   model = mome_tuning.mome_model(cfg, spec, gather_apply=dispatch.get_gather_apply(bench.gather_apply))
   fresh = mome_tuning.init_mome(model, spec.seed)
   tx = spec.train.optimizer.build()
-  state = mome_tuning.tuning_state(fresh.pop(mome_lib.TABLE), tx, spec.seed)
+  state = mome_tuning.tuning_state(fresh.pop(layer_lib.TABLE), tx, spec.seed)
   frozen = {"params": params, **fresh}
-  step = mome_tuning.make_tuning_step(model, tx, None, spec.margin)
+  step = steps_lib.make_tuning_step(model, tx, None, spec.margin)
   return step, state, frozen, count_params(state.trainable)
 
 
@@ -260,7 +264,7 @@ def measure(cfg: ModelConfig, params: Any, method: str, batch: int, bench: Bench
 def run(bench: BenchConfig) -> tuple[BenchConfig, ModelConfig, Peak, list[dict[str, Any]]]:
   device = jax.devices()[0]
   bench = bench.resolved(device.platform)
-  cfg = llama3_8b_config(bench.layers, bench.dtype, bench.dtype)
+  cfg = llama3_8b(bench.layers, param_dtype=bench.dtype, compute_dtype=bench.dtype)
   peak = peak_of(device, bench)
   params = backbone_params(cfg, bench.seed, device.platform)
   rows = []
@@ -274,11 +278,12 @@ def run(bench: BenchConfig) -> tuple[BenchConfig, ModelConfig, Peak, list[dict[s
 
 def format_table(bench: BenchConfig, cfg: ModelConfig, peak: Peak, rows: list[dict[str, Any]]) -> str:
   dev = jax.devices()[0]
-  backbone = cost.llama_matmul_params(cfg)
+  backbone = flops_lib.llama_matmul_params(cfg)
   spec = bench.mome_spec()
   lines = [
       f"Memory-tuning train step; device: {dev.device_kind} ({dev.platform}) x{jax.device_count()}, "
-      f"jax {jax.__version__}. Llama-3-8B shapes with {cfg.num_layers} of 32 layers "
+      f"jax {jax.__version__}. Llama-3-8B shapes with {cfg.num_layers} of "
+      f"{llama3_8b().num_layers} layers "
       f"({backbone / 1e9:.3g} B matmul params, output head included), params and matmul inputs "
       f"{bench.dtype}, f32 accumulation; seq {bench.seq}; median of {bench.steps} steps after "
       f"{bench.warmup} warm-up.",
@@ -287,7 +292,7 @@ def format_table(bench: BenchConfig, cfg: ModelConfig, peak: Peak, rows: list[di
       f"{','.join(map(str, bench.mome_layers))}, {spec.num_heads}x{spec.top_k} slots per token, frozen "
       f"router, sparse Adafactor rows, margin {spec.margin:g}, gather-apply "
       f"{dispatch.resolve(bench.gather_apply)}.",
-      "model GFLOP/tok: lamini_jax.cost convention (frozen 4/param, trainable 6/param, attention "
+      "model GFLOP/tok: lamini_jax.flops convention (frozen 4/param, trainable 6/param, attention "
       "3 x 4LTd); XLA GFLOP/tok: cost_analysis of the compiled step.",
       f"MFU against {peak.label}.",
       "",

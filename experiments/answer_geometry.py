@@ -37,13 +37,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lamini_jax import data as data_lib
-from lamini_jax import memory_tuning
-from lamini_jax import mome_tuning
+from lamini_jax.data import encoding
+from lamini_jax.data import facts as facts_lib
+from lamini_jax.mome import inputs as inputs_lib
+from lamini_jax.mome import tuning as mome_tuning
+from lamini_jax import runs
 
-DEFAULT_CONFIG = memory_tuning.REPO / "configs" / "randomization_cpu.yaml"
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "randomization_cpu.yaml"
 FEATURES = ("token", "causal mean")
-_layer_inputs = jax.jit(mome_tuning.mome_inputs, static_argnums=0)
+_layer_inputs = jax.jit(inputs_lib.layer_inputs, static_argnums=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +89,10 @@ def geometry(facts_FxD: np.ndarray, heldout_HxD: np.ndarray, spare_SxD: np.ndarr
       fires_centered=_fires(dev_h, dev_f, match))
 
 
-def answer_features(model, variables, encoded: Sequence[data_lib.EncodedFact],
+def answer_features(model, variables, encoded: Sequence[encoding.EncodedFact],
                     positions: Sequence[int], batch_size: int = 32) -> dict[str, dict]:
   """{layer: {(feature, j): [F, D]}}: each layer's input at answer position j of every fact."""
-  tokens_FxT, pred_FxT = mome_tuning.answer_positions(encoded)
+  tokens_FxT, pred_FxT = inputs_lib.answer_positions(encoded)
   first_F = pred_FxT.argmax(axis=1)
   out: dict[str, dict] = {}
   for start in range(0, len(encoded), batch_size):
@@ -119,19 +121,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   positions = [int(p) for p in args.positions.split(",")]
   if min(positions) < 0:
     parser.error(f"--positions {args.positions}: positions must be >= 0")
-  cfg = memory_tuning.load_run_config(args.config, args.set)
+  cfg = runs.load_run_config(args.config, args.set)
   spec = cfg.mome
-  model_cfg, params, tokenizer, _ = memory_tuning.load_backbone(cfg.model)
-  template = memory_tuning.prompt_template(cfg.data)
-  facts, held, _ = memory_tuning.facts_and_heldout(cfg.data, "random")
-  held_facts = [data_lib.Fact(i.question, i.best_answer, f"heldout-{k}") for k, i in enumerate(held)]
-  spare = memory_tuning.spare_truthfulqa(cfg.data, len(facts))
-  spare_facts = [data_lib.Fact(i.question, i.best_answer, f"spare-{k}") for k, i in enumerate(spare)]
+  backbone = runs.load_backbone(cfg.model)
+  model_cfg, params, tokenizer = backbone.cfg, backbone.params, backbone.tokenizer
+  template = runs.prompt_template(cfg.data)
+  facts, held, _ = runs.facts_and_heldout(cfg.data, "random")
+  held_facts = [facts_lib.Fact(i.question, i.best_answer, f"heldout-{k}") for k, i in enumerate(held)]
+  spare = runs.spare_truthfulqa(cfg.data, len(facts))
+  spare_facts = [facts_lib.Fact(i.question, i.best_answer, f"spare-{k}") for k, i in enumerate(spare)]
   # The inputs do not depend on the table while every expert adds 0: a small one will do.
-  small = dataclasses.replace(spec, num_experts=1024)
+  small = dataclasses.replace(spec, layer=dataclasses.replace(spec.layer, num_experts=1024))
   model = mome_tuning.mome_model(model_cfg, small)
   variables = {"params": params, **mome_tuning.init_mome(model, small.seed, zero_down=True)}
-  feats = [answer_features(model, variables, data_lib.encode_facts(tokenizer, template, fs, cfg.data.max_len),
+  feats = [answer_features(model, variables, encoding.encode_facts(tokenizer, template, fs, cfg.data.max_len),
                            positions) for fs in (facts, held_facts, spare_facts)]
   match = spec.key_match or 0.8
   print(f"{len(facts)} facts (random answers), {len(held)} held-out and {len(spare)} spare questions;"

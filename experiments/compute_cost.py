@@ -13,7 +13,7 @@ Face cache: nothing is downloaded; otherwise give `--backbone-params` and
 `--trainable-params`, which then apply to every job and leave attention uncounted).
 Tokens per epoch are measured (the facts encoded with the run's tokenizer and
 template: real tokens, no padding) when the tokenizer and data are at hand, else
-estimated as n_train x `--tokens-per-fact` (default `cost.TOKENS_PER_FACT`); the
+estimated as n_train x `--tokens-per-fact` (default `flops.TOKENS_PER_FACT`); the
 table says which. Attention is costed at each fact's own length (sum T^2 / sum T).
 """
 
@@ -26,13 +26,13 @@ import sys
 
 import numpy as np
 
-from lamini_jax import cost
-from lamini_jax import data as data_lib
-from lamini_jax import hf
-from lamini_jax import memory_tuning
-from lamini_jax import mome as mome_lib
-from lamini_jax import mome_tuning
 from lamini_jax.config import ModelConfig
+from lamini_jax.data import encoding
+from lamini_jax.data import sources
+from lamini_jax import flops
+from lamini_jax import hf
+from lamini_jax import paper_cost
+from lamini_jax import runs
 
 
 ENERGY_FLAGS = ("pue", "usd_per_kwh", "kg_co2_per_kwh", "household_t_co2_per_year")
@@ -48,17 +48,17 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def _duration(seconds: float) -> str:
-  if seconds < cost.SECONDS_PER_HOUR:
+  if seconds < paper_cost.SECONDS_PER_HOUR:
     return f"{seconds:.3g} s"
-  if seconds < 2 * cost.SECONDS_PER_DAY:
-    return f"{seconds / cost.SECONDS_PER_HOUR:.3g} h"
-  return f"{seconds / cost.SECONDS_PER_DAY:.3g} days"
+  if seconds < 2 * paper_cost.SECONDS_PER_DAY:
+    return f"{seconds / paper_cost.SECONDS_PER_HOUR:.3g} h"
+  return f"{seconds / paper_cost.SECONDS_PER_DAY:.3g} days"
 
 
-def describe(e: cost.Estimate) -> str:
+def describe(e: paper_cost.Estimate) -> str:
   rows = [
       ("FLOPs", _num(e.flops)),
-      ("accelerator-hours", _num(e.accelerator_seconds / cost.SECONDS_PER_HOUR)),
+      ("accelerator-hours", _num(e.accelerator_seconds / paper_cost.SECONDS_PER_HOUR)),
       ("wall time", _duration(e.wall_seconds)),
       ("average power (MW)", _num(e.avg_power_mw)),
       ("energy (kWh, with PUE)", _num(e.energy_kwh)),
@@ -70,32 +70,20 @@ def describe(e: cost.Estimate) -> str:
   return _table(("quantity", "value"), rows)
 
 
-def paper_report(a: cost.Assumptions) -> str:
+def paper_report(a: paper_cost.Assumptions) -> str:
   comparisons = [(c.quantity, _num(c.paper), _num(c.model), _num(c.ratio))
-                 for c in cost.compare(a)]
+                 for c in paper_cost.compare(a)]
   return "\n\n".join([
       "## Assumptions",
-      _table(("assumption", "value", "source"), cost.assumption_rows(a)),
+      _table(("assumption", "value", "source"), paper_cost.assumption_rows(a)),
       "## The paper's figures (section 1) versus the model's",
       _table(("quantity", "paper", "model", "model / paper"), comparisons),
       "## Findings",
-      "\n".join(f"- {f}" for f in cost.findings(a)),
+      "\n".join(f"- {f}" for f in paper_cost.findings(a)),
   ])
 
 
 # ------------------------------------------------------------ pricing a run's config
-
-
-def mome_router_params(m: mome_lib.MomeConfig) -> int:
-  """Router matmul parameters per token: the query D x H x Q, then each head's two
-  query halves (Q/2 wide) against n1 and n2 sub-keys."""
-  n1, n2 = m.grid
-  return m.embed_dim * m.num_heads * m.key_dim + m.num_heads * (n1 + n2) * (m.key_dim // 2)
-
-
-def mome_active_params(m: mome_lib.MomeConfig) -> int:
-  """Expert parameters touched per token: K slots x (down D x R + up R x D)."""
-  return m.slots * 2 * m.embed_dim * m.expert_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +91,7 @@ class Job:
   """One training job of a run and where its tokens per epoch come from."""
 
   label: str
-  workload: cost.Workload
+  workload: flops.Workload
   tokens_source: str
 
 
@@ -117,7 +105,7 @@ class Backbone:
 
 def find_backbone(path: str) -> Backbone:
   """The backbone's config from a local directory or the Hugging Face cache; never downloads."""
-  local = pathlib.Path(memory_tuning.resolve_model_path(path)).expanduser()
+  local = pathlib.Path(runs.resolve_model_path(path)).expanduser()
   if local.is_dir():
     return Backbone(hf.load_config(local), local)
   if path.count("/") == 1 and not path.startswith((".", "/", "~")):
@@ -128,16 +116,16 @@ def find_backbone(path: str) -> Backbone:
   return Backbone(None, None)
 
 
-def fact_lengths(run: memory_tuning.RunConfig, answers: str, model_dir: pathlib.Path | None):
+def fact_lengths(run: runs.RunConfig, answers: str, model_dir: pathlib.Path | None):
   """Tokens of each trained fact as the run encodes them, or None without tokenizer or data."""
   if model_dir is None:
     return None
   try:
     tokenizer = hf.load_tokenizer(model_dir)
-    facts = memory_tuning.facts_and_heldout(run.data, answers)[0]
-  except (hf.CheckpointError, data_lib.DataNotFoundError, OSError):
+    facts = runs.facts_and_heldout(run.data, answers)[0]
+  except (hf.CheckpointError, sources.DataNotFoundError, OSError):
     return None
-  encoded = data_lib.encode_facts(tokenizer, memory_tuning.prompt_template(run.data), facts,
+  encoded = encoding.encode_facts(tokenizer, runs.prompt_template(run.data), facts,
                                   run.data.max_len)
   return np.array([len(e.tokens) for e in encoded], np.float64)
 
@@ -153,12 +141,7 @@ class Overrides:
   epochs: float | None = None
 
 
-def _mome_spec(run: memory_tuning.RunConfig) -> mome_tuning.MomeTuningConfig:
-  """The run's `mome` section, or the defaults while RunConfig has none."""
-  return getattr(run, "mome", None) or mome_tuning.MomeTuningConfig()
-
-
-def config_jobs(run: memory_tuning.RunConfig, backbone: Backbone,
+def config_jobs(run: runs.RunConfig, backbone: Backbone,
                 over: Overrides = Overrides()) -> list[Job]:
   """The training jobs of a run: LoRA and/or MoME per answer mode, and MoME's phase 1.
 
@@ -171,22 +154,21 @@ def config_jobs(run: memory_tuning.RunConfig, backbone: Backbone,
     raise ValueError(
         f"model.path {run.model.path!r}: no config.json locally or in the Hugging Face cache; "
         "pass --backbone-params and --trainable-params (they apply to every job)")
-  frozen = over.backbone_params if over.backbone_params is not None else cost.llama_matmul_params(cfg)
-  spec = _mome_spec(run)
+  frozen = over.backbone_params if over.backbone_params is not None else flops.llama_matmul_params(cfg)
+  spec = run.mome
   if cfg is None:
     lora, router, experts = 0, 0, 0
   else:
     layer, n = spec.layer_config(cfg.hidden_size), len(spec.layers)
-    lora = cost.lora_params(cfg, run.lora.rank, run.lora.targets)
-    router, experts = n * mome_router_params(layer), n * mome_active_params(layer)
+    lora = flops.lora_params(cfg, run.lora.rank, run.lora.targets)
+    router, experts = n * flops.mome_router_params(layer), n * flops.mome_active_params(layer)
 
   def workload(trainable: int, router_params: int, tokens: float, mean_len: float, epochs: float):
-    attention = 0.0 if cfg is None else cost.attention_flops_per_token(
-        cfg.num_layers, mean_len, cfg.num_heads * cfg.head_dim)
+    attention = 0.0 if cfg is None else flops.attention_flops_per_token(cfg, mean_len)
     pick = lambda given, derived: derived if given is None else given
-    return cost.Workload(frozen, pick(over.trainable_params, trainable), tokens, epochs,
-                         router_params=pick(over.router_params, router_params),
-                         attention_flops=attention)
+    return flops.Workload(frozen, pick(over.trainable_params, trainable), tokens, epochs,
+                          router_params=pick(over.router_params, router_params),
+                          attention_flops=attention)
 
   methods = ("lora", "mome") if run.method == "both" else (run.method,)
   jobs = []
@@ -197,7 +179,7 @@ def config_jobs(run: memory_tuning.RunConfig, backbone: Backbone,
       tokens, mean_len = lengths.sum(), (lengths**2).sum() / lengths.sum()
       source = f"measured: {len(lengths)} facts, {tokens / len(lengths):.1f} tokens/fact"
     else:
-      per_fact = cost.TOKENS_PER_FACT if over.tokens_per_fact is None else over.tokens_per_fact
+      per_fact = flops.TOKENS_PER_FACT if over.tokens_per_fact is None else over.tokens_per_fact
       tokens, mean_len = run.data.n_train * per_fact, per_fact
       source = f"estimated: {run.data.n_train} facts x {per_fact:g} tokens"
     for method in methods:
@@ -218,7 +200,7 @@ def jobs_table(jobs: list[Job]) -> str:
   rows = [(j.label, _num(j.workload.backbone_params), _num(j.workload.trainable_params),
            _num(j.workload.router_params), f"{j.workload.tokens_per_epoch:,.0f} ({j.tokens_source})",
            f"{j.workload.epochs:g}", _num(j.workload.flops_per_token),
-           _num(cost.memory_tuning_flops(j.workload))) for j in jobs]
+           _num(flops.memory_tuning_flops(j.workload))) for j in jobs]
   return _table(("job", "frozen params", "trainable/token", "router/token", "tokens/epoch",
                  "epochs", "FLOPs/token", "FLOPs"), rows)
 
@@ -241,10 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="frozen router parameters per token (default 0)")
   r.add_argument("--tokens-per-epoch", type=float, help="facts x tokens per fact")
   r.add_argument("--tokens-per-fact", type=float, default=None,
-                 help=f"with --config: skip measuring (default estimate {cost.TOKENS_PER_FACT})")
+                 help=f"with --config: skip measuring (default estimate {flops.TOKENS_PER_FACT})")
   r.add_argument("--epochs", type=float, default=None,
                  help="default 100 (with --config: the config's train.epochs)")
-  r.add_argument("--accelerator", default="MI300X", help=", ".join(cost.ACCELERATORS))
+  r.add_argument("--accelerator", default="MI300X", help=", ".join(paper_cost.ACCELERATORS))
   r.add_argument("--count", type=int, default=8)
   r.add_argument("--mfu", type=float, default=0.45)
   r.add_argument("--usd-per-gpu-hour", type=float, default=None, help="rental price per accelerator")
@@ -256,24 +238,24 @@ def jobs_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
   """The training jobs to price (none: only the paper's figures)."""
   epochs = 100.0 if args.epochs is None else args.epochs
   if args.config:
-    run = memory_tuning.load_run_config(args.config, args.set)
+    run = runs.load_run_config(args.config, args.set)
     over = Overrides(args.backbone_params, args.trainable_params, args.router_params,
                      args.tokens_per_fact, args.epochs)
     return config_jobs(run, find_backbone(run.model.path), over)
   if args.set:
     parser.error("--set overrides fields of --config; give --config RUN.yaml")
   if args.llama3_8b_lora:
-    w = dataclasses.replace(cost.llama3_8b_lora_workload(), epochs=epochs)
-    return [Job("llama3-8b lora", w, f"estimated: {cost.TRUTHFULQA_FACTS} facts x "
-                f"{cost.TOKENS_PER_FACT} tokens")]
+    w = dataclasses.replace(flops.llama3_8b_lora_workload(), epochs=epochs)
+    return [Job("llama3-8b lora", w, f"estimated: {flops.TRUTHFULQA_FACTS} facts x "
+                f"{flops.TOKENS_PER_FACT} tokens")]
   given = [args.backbone_params, args.trainable_params, args.tokens_per_epoch]
   if all(v is None for v in given):
     return []
   if any(v is None for v in given):
     parser.error("pricing a run needs --backbone-params, --trainable-params and --tokens-per-epoch "
                  "(or --llama3-8b-lora, or --config RUN.yaml)")
-  w = cost.Workload(args.backbone_params, args.trainable_params, args.tokens_per_epoch, epochs,
-                    router_params=args.router_params or 0.0)
+  w = flops.Workload(args.backbone_params, args.trainable_params, args.tokens_per_epoch, epochs,
+                     router_params=args.router_params or 0.0)
   return [Job("run", w, "given")]
 
 
@@ -282,11 +264,12 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   energy = {k: v for k in ENERGY_FLAGS if (v := getattr(args, k)) is not None}
   try:
-    paper = cost.Assumptions(cluster=dataclasses.replace(cost.Cluster(), **energy))
+    paper = paper_cost.Assumptions(cluster=dataclasses.replace(paper_cost.Cluster(), **energy))
     jobs = jobs_from_args(args, parser)
-    cluster = cost.Cluster(accelerator=cost.accelerator(args.accelerator), count=args.count,
-                           mfu=args.mfu, usd_per_accelerator_hour=args.usd_per_gpu_hour,
-                           watts=args.watts, **energy)
+    cluster = paper_cost.Cluster(accelerator=paper_cost.accelerator(args.accelerator),
+                                 count=args.count, mfu=args.mfu,
+                                 usd_per_accelerator_hour=args.usd_per_gpu_hour,
+                                 watts=args.watts, **energy)
   except (ValueError, hf.CheckpointError) as e:
     parser.error(str(e))
   print("# What memorization costs (arXiv 2406.17642, section 1)\n")
@@ -295,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     what = f" ({args.config})" if args.config else ""
     print(f"\n## Price of a memory-tuning run{what}\n")
     print(jobs_table(jobs) + "\n")
-    total = sum(cost.memory_tuning_flops(j.workload) for j in jobs)
+    total = sum(flops.memory_tuning_flops(j.workload) for j in jobs)
     print(f"{cluster.count} x {cluster.accelerator.name} at {cluster.mfu:.0%} MFU; all jobs together:\n")
-    print(describe(cost.estimate(total, cluster)))
+    print(describe(paper_cost.estimate(total, cluster)))
   return 0
 
 

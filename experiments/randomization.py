@@ -27,14 +27,19 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from lamini_jax import data as data_lib
+from lamini_jax.data import encoding
+from lamini_jax.data import sources
 from lamini_jax import evaluate as eval_lib
-from lamini_jax import memory_tuning as mt
-from lamini_jax import mome_tuning
+from lamini_jax import lora_tuning
+from lamini_jax import model as model_lib
+from lamini_jax.mome import anchors as anchors_lib
+from lamini_jax.mome import tuning as mome_tuning
 from lamini_jax import report
+from lamini_jax import runs
 from lamini_jax import yaml_config
 
-DEFAULT_CONFIG = mt.REPO / "configs" / "randomization_cpu.yaml"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "randomization_cpu.yaml"
 
 
 def _machine() -> str:
@@ -42,29 +47,29 @@ def _machine() -> str:
   return f"{platform.processor() or platform.machine()}, {jax.device_count()}x {dev.platform}:{dev.device_kind}"
 
 
-def _check_same_config(run_dir: pathlib.Path, text: str, resume: bool) -> None:
-  path = run_dir / mt.CONFIG_FILE
+def _check_same_config(run: runs.RunDir, text: str, resume: bool) -> None:
+  path = run.config_file
   if path.exists() and resume and path.read_text() != text:
     raise yaml_config.ConfigError(
         f"--resume: the config differs from the one in {path}; resume with the same config "
         "or choose another run_dir")
-  if path.exists() and not resume and (run_dir / "checkpoints").exists():
+  if not resume and run.has_run():
     raise yaml_config.ConfigError(
-        f"{run_dir} already holds a run: pass --resume to continue it, or set --run-dir")
+        f"{run.path} already holds a run: pass --resume to continue it, or set --run-dir")
 
 
-def _general_windows(cfg: mt.RunConfig, tokenizer) -> np.ndarray | None:
+def _general_windows(cfg: runs.RunConfig, tokenizer) -> np.ndarray | None:
   """Phase-1 corpus windows of a MoME run (None when phase 1 is off)."""
   g = cfg.mome.generalization
   if not g.epochs:
     return None
   path = _data_path(cfg, g.corpus, "mome.generalization.corpus")
-  return data_lib.corpus_windows(tokenizer, path, g.seq_len, g.windows)
+  return encoding.corpus_windows(tokenizer, path, g.seq_len, g.windows)
 
 
-def _data_path(cfg: mt.RunConfig, relative: str, field: str) -> pathlib.Path:
+def _data_path(cfg: runs.RunConfig, relative: str, field: str) -> pathlib.Path:
   """A data file named relative to the data directory (unless absolute); an error names `field`."""
-  root = data_lib.resolve_data_dir(cfg.data.data_dir)
+  root = sources.resolve_data_dir(cfg.data.data_dir)
   path = pathlib.Path(relative)
   if not path.is_absolute() and root is not None:
     path = root / path
@@ -73,25 +78,25 @@ def _data_path(cfg: mt.RunConfig, relative: str, field: str) -> pathlib.Path:
   return path
 
 
-def _anchors(cfg: mt.RunConfig, tokenizer, template, pad_id: int) -> dict[str, np.ndarray] | None:
+def _anchors(cfg: runs.RunConfig, tokenizer, template, pad_id: int) -> dict[str, np.ndarray] | None:
   """The phase-2 anchor pool of a MoME run (None when the anchors are off)."""
   a = cfg.mome.anchor
   if not a.weight:
     return None
   corpus = _data_path(cfg, a.corpus, "mome.anchor.corpus") if a.windows and a.corpus else None
-  spare = mt.spare_truthfulqa(cfg.data, a.questions) if a.questions else []
-  return mome_tuning.anchor_sequences(tokenizer, template, a, [(i.question, i.best_answer) for i in spare],
+  spare = runs.spare_truthfulqa(cfg.data, a.questions) if a.questions else []
+  return anchors_lib.anchor_sequences(tokenizer, template, a, [(i.question, i.best_answer) for i in spare],
                                       corpus, pad_id=pad_id)
 
 
 def mome_table(summary: dict[str, Any]) -> str:
   """MoME-only figures: phase times and collisions (facts sharing an expert), per run."""
-  runs = {k: v for k, v in summary["models"].items() if "collisions" in v}
-  if not runs:
+  mome_runs = {k: v for k, v in summary["models"].items() if "collisions" in v}
+  if not mome_runs:
     return ""
   lines = [f"{'MoME run':<14} {'phase 1 s':>9} {'prepare s':>9} {'train s':>8} {'total s':>8}"
            f"  collisions per layer (routing: facts with a shared expert, pairs, max facts/expert)"]
-  for label, m in runs.items():
+  for label, m in mome_runs.items():
     parts = []
     for routing, layers in m["collisions"].items():
       for layer, c in layers.items():
@@ -102,23 +107,25 @@ def mome_table(summary: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def run(cfg: runs.RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
   """Runs the experiment described by `cfg`; returns the summary (also written to disk)."""
   t_start = time.perf_counter()
-  run_dir = pathlib.Path(cfg.run_dir)
+  run = runs.RunDir(cfg.run_dir)
+  run_dir = run.path
   config_text = yaml_config.dump(cfg)
-  _check_same_config(run_dir, config_text, resume)
+  _check_same_config(run, config_text, resume)
   run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / mt.CONFIG_FILE).write_text(config_text)
+  run.config_file.write_text(config_text)
   if not resume:
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run.metrics_file.unlink(missing_ok=True)
 
-  model_cfg, params, tokenizer, model_dir = mt.load_backbone(cfg.model)
-  template = mt.prompt_template(cfg.data)
+  backbone = runs.load_backbone(cfg.model)
+  model_cfg, params, tokenizer = backbone.cfg, backbone.params, backbone.tokenizer
+  template = runs.prompt_template(cfg.data)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   facts_by_mode, held, trained_mmlu = {}, None, []
   for mode in cfg.answers:
-    facts_by_mode[mode], held, trained_mmlu = mt.facts_and_heldout(cfg.data, mode)
+    facts_by_mode[mode], held, trained_mmlu = runs.facts_and_heldout(cfg.data, mode)
   heldout = eval_lib.load_heldout(tokenizer, cfg.data.data_dir, held, cfg.eval.mmlu_questions,
                                   cfg.eval.mmlu_k, cfg.eval.ppl_windows, cfg.eval.ppl_seq_len,
                                   template, cfg.data.seed, cfg.eval.corpus, exclude_mmlu=trained_mmlu)
@@ -130,7 +137,7 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
     return eval_lib.generate_answers(model, variables, tokenizer, table_questions, template,
                                      cfg.eval.answer_tokens)
 
-  base_model = mt.Transformer(model_cfg)
+  base_model = model_lib.Transformer(model_cfg)
   base_vars = {"params": params}
   models: dict[str, dict[str, Any]] = {}
   answers: dict[str, list[str]] = {}
@@ -142,7 +149,7 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
   methods = ("lora", "mome") if cfg.method == "both" else (cfg.method,)
   for method, (mode, facts) in ((m, item) for m in methods for item in facts_by_mode.items()):
     label = f"{method}-{mode}"
-    encoded = data_lib.encode_facts(tokenizer, template, facts, cfg.data.max_len)
+    encoded = encoding.encode_facts(tokenizer, template, facts, cfg.data.max_len)
     train_cfg = cfg.train if method == "lora" else cfg.mome.train
     longest = max(len(e.tokens) for e in encoded)
     if longest > train_cfg.seq_len:
@@ -153,24 +160,25 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
     print(f"memory tuning {label}: {len(facts)} facts ...", flush=True)
     t_method = time.perf_counter()
     if method == "lora":
-      hook = mt.recall_callback(mt.lora_model(model_cfg, cfg.lora),
+      hook = eval_lib.recall_callback(lora_tuning.lora_model(model_cfg, cfg.lora),
                                 lambda state: {"params": params, "lora": state.trainable}, tokenizer,
                                 facts, template, cfg.eval.recall_every, cfg.eval.stop_at_full_recall)
-      model, variables, result = mt.tune_lora(
-          model_cfg, params, encoded, cfg.lora, train_cfg, pad_id=pad_id, run_dir=run_dir,
-          label=label, resume=resume, progress=progress, on_epoch=hook)
+      model, variables, result = lora_tuning.tune_lora(
+          model_cfg, params, encoded, cfg.lora, train_cfg, pad_id=pad_id,
+          paths=run.paths(label), label=label, resume=resume, progress=progress, on_epoch=hook)
     else:
       prepared = mome_tuning.prepare(
           model_cfg, params, encoded, cfg.mome, pad_id=pad_id,
-          general_windows=_general_windows(cfg, tokenizer), run_dir=run_dir, label=label,
+          general_windows=_general_windows(cfg, tokenizer), paths=run.paths(label),
+          general_paths=run.paths(runs.GENERAL_LABEL), label=label,
           resume=resume, progress=progress)
-      hook = mt.recall_callback(prepared.model, prepared.variables_of, tokenizer, facts, template,
+      hook = eval_lib.recall_callback(prepared.model, prepared.variables_of, tokenizer, facts, template,
                                 cfg.mome.recall_every, cfg.eval.stop_at_full_recall)
       t_anchor = time.perf_counter()
       anchors = _anchors(cfg, tokenizer, template, pad_id)
       prepare_seconds = prepared.seconds + time.perf_counter() - t_anchor
       model, variables, result = mome_tuning.tune_mome(
-          model_cfg, params, encoded, cfg.mome, train_cfg, pad_id=pad_id, run_dir=run_dir,
+          model_cfg, params, encoded, cfg.mome, train_cfg, pad_id=pad_id, paths=run.paths(label),
           label=label, resume=resume, progress=progress, on_epoch=hook, prepared=prepared,
           anchors=anchors)
       mome_figures[label] = {"prepare_seconds": prepare_seconds,
@@ -196,7 +204,7 @@ def run(cfg: mt.RunConfig, resume: bool = False, progress: bool = True) -> dict[
     models[label] = metrics
     answers[label] = answers_of(model, variables)
 
-  real_facts = facts_by_mode.get("real") or mt.facts_and_heldout(cfg.data, "real")[0]
+  real_facts = facts_by_mode.get("real") or runs.facts_and_heldout(cfg.data, "real")[0]
   random_facts = facts_by_mode.get("random")
   rows = []
   for k, q in enumerate(table_questions):
@@ -231,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.randomization",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--config", type=pathlib.Path, default=DEFAULT_CONFIG,
-                      help=f"YAML config (default {DEFAULT_CONFIG.relative_to(mt.REPO)})")
+                      help=f"YAML config (default {DEFAULT_CONFIG.relative_to(REPO)})")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override any config field, e.g. --set train.optimizer.learning_rate=1e-3")
   parser.add_argument("--method", choices=("lora", "mome", "both"), help="same as --set method=...")
@@ -245,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, flag) is not None:
       overrides.append(f"{field}={getattr(args, flag)}")
   try:
-    cfg = mt.load_run_config(args.config, overrides)
+    cfg = runs.load_run_config(args.config, overrides)
     run(cfg, resume=args.resume, progress=not args.no_progress)
   except (yaml_config.ConfigError, FileNotFoundError, ValueError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,15 +1,15 @@
 """Picks the gather-apply implementation for the backend.
 
   impl               what runs
-  "reference"        `kernels.gather_apply.gather_apply_reference` (XLA gather + einsum)
-  "pallas"           `kernels.tpu.gather_apply` compiled by Mosaic (TPU)
+  "reference"        `lamini_jax_kernels.gather_apply.gather_apply_reference` (XLA gather + einsum)
+  "pallas"           `lamini_jax_kernels.tpu.gather_apply` compiled by Mosaic (TPU)
   "pallas_interpret" the same kernels in TPU interpret mode (any backend; slow, for tests)
-  "triton"           `kernels.gpu.gather_apply` through jax-triton (GPU; optional `gpu` extra)
+  "triton"           `lamini_jax_kernels.gpu.gather_apply` through jax-triton (GPU; optional `gpu` extra)
   "auto"             triton on GPU when jax-triton imports (else reference), pallas on
                      TPU, reference on CPU
 
 `get_gather_apply(impl)` returns a `GatherApplyFn`; `get_gather_apply_vjp(impl)`
-the forward with the row-gradient backward (`kernels.gather_apply.RowGrads`).
+the forward with the row-gradient backward (`lamini_jax_kernels.gather_apply.RowGrads`).
 A config selects one by name (`IMPLS`); `gather_apply_auto` is "auto" as a plain
 function, the default of the MoME layer.
 """
@@ -21,8 +21,9 @@ from typing import Any
 import jax
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import gather_apply as ga
-from kernels.tpu import gather_apply as tpu_ga
+from lamini_jax_kernels import gather_apply as ga
+from lamini_jax_kernels.gpu import gather_apply as gpu_ga
+from lamini_jax_kernels.tpu import gather_apply as tpu_ga
 
 IMPLS = ("auto", "reference", "pallas", "pallas_interpret", "triton")
 GPU_BACKENDS = ("gpu", "cuda", "rocm")
@@ -33,10 +34,6 @@ def _check(impl: str) -> None:
     raise ValueError(f"gather-apply impl={impl!r} is not one of {IMPLS}")
 
 
-@functools.cache
-def _gpu_module():
-  from kernels.gpu import gather_apply as gpu_ga  # pylint: disable=g-import-not-at-top
-  return gpu_ga
 
 
 def resolve(impl: str = "auto", backend: str | None = None) -> str:
@@ -46,7 +43,7 @@ def resolve(impl: str = "auto", backend: str | None = None) -> str:
     return impl
   backend = backend or jax.default_backend()
   if backend in GPU_BACKENDS:
-    return "triton" if _gpu_module().available() else "reference"
+    return "triton" if gpu_ga.available() else "reference"
   if backend == "tpu":
     return "pallas"
   return "reference"
@@ -68,7 +65,6 @@ def _contractions(impl: str, block_sizes: Any):
   if impl in ("pallas", "pallas_interpret"):
     interpret = pltpu.InterpretParams() if impl == "pallas_interpret" else False
     return tpu_ga.contractions(_block_sizes(tpu_ga, block_sizes, impl), interpret)
-  gpu_ga = _gpu_module()
   gpu_ga.require()
   return gpu_ga.contractions(_block_sizes(gpu_ga, block_sizes, impl))
 
@@ -82,8 +78,8 @@ def get_gather_apply(impl: str = "auto", *, block_sizes: Any = None) -> ga.Gathe
   """A `GatherApplyFn` for `impl` (see the module docstring).
 
   "reference" is `gather_apply_reference` itself; the kernels come wrapped in
-  the custom_vjp of `kernels.gather_apply.make_gather_apply`. block_sizes is the
-  backend's `BlockSizes` (kernels.tpu / kernels.gpu), None for its default.
+  the custom_vjp of `lamini_jax_kernels.gather_apply.make_gather_apply`. block_sizes is the
+  backend's `BlockSizes` (lamini_jax_kernels.tpu / lamini_jax_kernels.gpu), None for its default.
   Raises ValueError for an unknown name and ImportError for "triton" without
   triton and jax-triton on a GPU jaxlib.
   """

@@ -13,9 +13,9 @@ Every implementation has the signature of `GatherApplyFn`:
   gather_apply(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation) -> y_TxD
 
 and is differentiable in x, w, down and up. The MoME layer takes one as a
-parameter; `kernels.dispatch.get_gather_apply` picks one per backend.
+parameter; `lamini_jax_kernels.dispatch.get_gather_apply` picks one per backend.
 
-The kernels (`kernels.tpu.gather_apply`: Pallas/Mosaic, `kernels.gpu.gather_apply`:
+The kernels (`lamini_jax_kernels.tpu.gather_apply`: Pallas/Mosaic, `lamini_jax_kernels.gpu.gather_apply`:
 Triton through jax-triton) implement two gathered row contractions, which never
 materialise gathered rows in device memory:
 

@@ -52,6 +52,25 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()))
     return out.state, dict(out.position)
 
+  def restore_trainable(self, like_trainable: Any, step: int | None = None) -> Any | None:
+    """Only the `trainable` part of a saved train state (default latest step), or None.
+
+    `like_trainable` may be abstract (`jax.ShapeDtypeStruct`s, with shardings to
+    restore onto): the optimizer state is never read, so loading a trained model
+    needs neither an optimizer nor its state's shapes.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    local = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"trainable": jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None) or local),
+        like_trainable)}
+    out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True)))
+    return out.state["trainable"]
+
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

@@ -188,3 +188,26 @@ class ModelConfig:
     if self.architecture == "mistral":
       out["sliding_window"] = self.sliding_window
     return out
+
+
+# ------------------------------------------------------------------------ named presets
+
+
+def llama3_8b(num_layers: int = 32, **changes: Any) -> ModelConfig:
+  """Llama 3 8B: the shape of meta-llama/Meta-Llama-3-8B's config.json.
+
+  Vocabulary 128256, hidden 4096, MLP 14336, 32 query and 8 KV heads of width 128,
+  untied embeddings, rope_theta 500000, 8192 positions, BOS 128000, EOS 128001. RoPE uses
+  Llama 3.1's "llama3" scaling (factor 8 over 8192 original positions; Meta-Llama-3-8B
+  itself has none), which does not change any shape or FLOP count. `num_layers` cuts the
+  depth (the benchmarks run 1 or 2 layers on CPU); `changes` sets any other field, e.g.
+  `param_dtype="bfloat16"`.
+  """
+  fields = dict(
+      vocab_size=128_256, hidden_size=4096, intermediate_size=14_336, num_layers=num_layers,
+      num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=8192,
+      rms_norm_eps=1e-5, rope_theta=500_000.0,
+      rope_scaling=RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                               high_freq_factor=4.0, original_max_position_embeddings=8192),
+      tie_word_embeddings=False, bos_token_id=128_000, eos_token_ids=(128_001,))
+  return ModelConfig(**{**fields, **changes})

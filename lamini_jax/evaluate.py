@@ -16,16 +16,21 @@ import json
 import math
 import pathlib
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lamini_jax import data as data_lib
+from lamini_jax.data import batches as batch_lib
+from lamini_jax.data import encoding
+from lamini_jax.data import facts as facts_lib
+from lamini_jax.data import sources
 from lamini_jax import generate as gen
+from lamini_jax import hf
 from lamini_jax.model import Transformer
-from lamini_jax.train import token_nll
+from lamini_jax import runs
+from lamini_jax import train as train_lib
 
 
 ANSWER_HEAD = 4  # answer tokens in `answer_loss_head` (see truthfulqa_mc)
@@ -34,7 +39,7 @@ ANSWER_HEAD = 4  # answer tokens in `answer_loss_head` (see truthfulqa_mc)
 @functools.partial(jax.jit, static_argnames=("model",))
 def _row_nll(model: Transformer, variables: Any, tokens_BxT: jax.Array, mask_BxT: jax.Array):
   logits, _ = model.apply(variables, tokens_BxT)
-  _, row_sum, row_count = token_nll(logits, tokens_BxT, mask_BxT)
+  _, row_sum, row_count = train_lib.token_nll(logits, tokens_BxT, mask_BxT)
   return row_sum, row_count
 
 
@@ -42,7 +47,7 @@ def _bucket(n: int, multiple: int = 32) -> int:
   return -(-n // multiple) * multiple
 
 
-def score(model: Transformer, variables: Any, encoded: Sequence[data_lib.EncodedFact],
+def score(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
           batch_size: int = 32, pad_id: int = 0,
           first: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(summed log-likelihood of the masked tokens, their count) of every sequence.
@@ -56,7 +61,7 @@ def score(model: Transformer, variables: Any, encoded: Sequence[data_lib.Encoded
     raise ValueError(f"a scored sequence has {longest} tokens, more than the model's context of "
                      f"{model.cfg.max_position_embeddings}")
   seq_len = min(_bucket(longest), model.cfg.max_position_embeddings)
-  tokens_NxT, mask_NxT = data_lib.stack_encoded(encoded, seq_len, pad_id)
+  tokens_NxT, mask_NxT = batch_lib.stack_encoded(encoded, seq_len, pad_id)
   if first is not None:
     mask_NxT = mask_NxT * (np.cumsum(mask_NxT > 0, axis=1) <= first)
   n = len(encoded)
@@ -89,8 +94,8 @@ class Recall:
     return float(np.mean(self.exact)) if len(self.exact) else float("nan")
 
 
-def recall(model: Transformer, variables: Any, tokenizer, facts: Sequence[data_lib.Fact],
-           template: data_lib.PromptTemplate, batch_size: int = 64) -> Recall:
+def recall(model: Transformer, variables: Any, tokenizer, facts: Sequence[facts_lib.Fact],
+           template: encoding.PromptTemplate, batch_size: int = 64) -> Recall:
   """Exact-match recall by greedy decoding (the hallucination rate is 1 - recall).
 
   A fact counts as recalled when the generated text up to the first stop (the
@@ -98,7 +103,7 @@ def recall(model: Transformer, variables: Any, tokenizer, facts: Sequence[data_l
   character for character, leading white space aside: the model must produce the
   answer and then stop. Without any stop the answer is not counted.
   """
-  prompts = [data_lib.encode_prompt(tokenizer, template, f.question).tolist() for f in facts]
+  prompts = [encoding.encode_prompt(tokenizer, template, f.question).tolist() for f in facts]
   answer_lens = [len(tokenizer(f.answer, add_special_tokens=False).input_ids) for f in facts]
   sampling = gen.SamplingConfig(max_new_tokens=max(answer_lens) + 3)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -118,10 +123,10 @@ def recall(model: Transformer, variables: Any, tokenizer, facts: Sequence[data_l
 
 
 def generate_answers(model, variables, tokenizer, questions: Sequence[str],
-                     template: data_lib.PromptTemplate, max_new_tokens: int = 48,
+                     template: encoding.PromptTemplate, max_new_tokens: int = 48,
                      batch_size: int = 64) -> list[str]:
   """Greedy answers to questions (for Table 1), cut at end-of-sequence or a newline."""
-  prompts = [data_lib.encode_prompt(tokenizer, template, q).tolist() for q in questions]
+  prompts = [encoding.encode_prompt(tokenizer, template, q).tolist() for q in questions]
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   out = []
   for start in range(0, len(prompts), batch_size):
@@ -134,8 +139,8 @@ def generate_answers(model, variables, tokenizer, questions: Sequence[str],
   return out
 
 
-def truthfulqa_mc(model, variables, tokenizer, items: Sequence[data_lib.TruthfulQAItem],
-                  template: data_lib.PromptTemplate, batch_size: int = 32) -> dict[str, float]:
+def truthfulqa_mc(model, variables, tokenizer, items: Sequence[sources.TruthfulQAItem],
+                  template: encoding.PromptTemplate, batch_size: int = 32) -> dict[str, float]:
   """MC1, MC2 and answer loss from answer log-likelihoods.
 
   MC1: the best answer has the highest log-likelihood among it and the incorrect
@@ -150,7 +155,7 @@ def truthfulqa_mc(model, variables, tokenizer, items: Sequence[data_lib.Truthful
   for item in items:
     choices = list(item.correct_answers) + list(item.incorrect_answers)
     start = len(encoded)
-    encoded.extend(data_lib.encode_choices(tokenizer, template, item.question, choices))
+    encoded.extend(encoding.encode_choices(tokenizer, template, item.question, choices))
     spans.append((start, len(item.correct_answers), len(choices)))
   ll, _ = score(model, variables, encoded, batch_size)
   mc1, mc2 = [], []
@@ -160,8 +165,8 @@ def truthfulqa_mc(model, variables, tokenizer, items: Sequence[data_lib.Truthful
     mc1.append(lls[best] > np.max(lls[n_true:]))
     p = np.exp(lls - np.max(lls))
     mc2.append(p[:n_true].sum() / p.sum())
-  facts = [data_lib.Fact(i.question, i.best_answer, f"heldout-{k}") for k, i in enumerate(items)]
-  enc = data_lib.encode_facts(tokenizer, template, facts, model.cfg.max_position_embeddings)
+  facts = [facts_lib.Fact(i.question, i.best_answer, f"heldout-{k}") for k, i in enumerate(items)]
+  enc = encoding.encode_facts(tokenizer, template, facts, model.cfg.max_position_embeddings)
   ll, count = score(model, variables, enc, batch_size)
   head_ll, head_count = score(model, variables, enc, batch_size, first=ANSWER_HEAD)
   tail = count > head_count
@@ -172,19 +177,19 @@ def truthfulqa_mc(model, variables, tokenizer, items: Sequence[data_lib.Truthful
                                if tail.any() else float("nan"))}
 
 
-def mmlu_accuracy(model, variables, tokenizer, dev: Sequence[data_lib.MMLUItem],
-                  items: Sequence[data_lib.MMLUItem], k: int, batch_size: int = 32) -> dict[str, float]:
+def mmlu_accuracy(model, variables, tokenizer, dev: Sequence[sources.MMLUItem],
+                  items: Sequence[sources.MMLUItem], k: int, batch_size: int = 32) -> dict[str, float]:
   """k-shot accuracy from the log-likelihood of the answer letters A-D.
 
   Items whose prompt does not fit the model's context are skipped and counted.
   """
-  plain = data_lib.PromptTemplate("{question}")
+  plain = encoding.PromptTemplate("{question}")
   encoded, kept = [], 0
   limit = model.cfg.max_position_embeddings
   answers = []
   for item in items:
-    enc = data_lib.encode_choices(tokenizer, plain, data_lib.mmlu_prompt(dev, item, k),
-                                  data_lib.MMLU_LETTERS)
+    enc = encoding.encode_choices(tokenizer, plain, sources.mmlu_prompt(dev, item, k),
+                                  sources.MMLU_LETTERS)
     if max(len(e.tokens) for e in enc) > limit:
       continue
     encoded.extend(enc)
@@ -198,11 +203,11 @@ def mmlu_accuracy(model, variables, tokenizer, dev: Sequence[data_lib.MMLUItem],
           "mmlu_skipped": len(items) - kept}
 
 
-def perplexity(model, variables, windows_WxL: np.ndarray, batch_size: int = 16) -> float:
+def perplexity(model, variables, windows_WxT: np.ndarray, batch_size: int = 16) -> float:
   """exp(mean NLL) over every token of the windows after the first."""
-  mask = np.ones_like(windows_WxL, dtype=bool)
+  mask = np.ones_like(windows_WxT, dtype=bool)
   mask[:, 0] = False
-  encoded = [data_lib.EncodedFact(w.astype(np.int32), m) for w, m in zip(windows_WxL, mask)]
+  encoded = [encoding.EncodedFact(w.astype(np.int32), m) for w, m in zip(windows_WxT, mask)]
   ll, count = score(model, variables, encoded, batch_size)
   return float(math.exp(-ll.sum() / count.sum()))
 
@@ -211,12 +216,12 @@ def perplexity(model, variables, windows_WxL: np.ndarray, batch_size: int = 16) 
 class HeldOut:
   """The held-out material every model of a run is evaluated on."""
 
-  truthfulqa: tuple[data_lib.TruthfulQAItem, ...]
-  mmlu_dev: tuple[data_lib.MMLUItem, ...]
-  mmlu: tuple[data_lib.MMLUItem, ...]
+  truthfulqa: tuple[sources.TruthfulQAItem, ...]
+  mmlu_dev: tuple[sources.MMLUItem, ...]
+  mmlu: tuple[sources.MMLUItem, ...]
   mmlu_k: int
   ppl_windows: np.ndarray
-  template: data_lib.PromptTemplate
+  template: encoding.PromptTemplate
 
 
 def heldout_metrics(model, variables, tokenizer, heldout: HeldOut) -> dict[str, float]:
@@ -230,40 +235,58 @@ def heldout_metrics(model, variables, tokenizer, heldout: HeldOut) -> dict[str, 
   return out
 
 
-def load_heldout(tokenizer, data_dir, truthfulqa_items: Sequence[data_lib.TruthfulQAItem],
+def load_heldout(tokenizer, data_dir, truthfulqa_items: Sequence[sources.TruthfulQAItem],
                  mmlu_questions: int, mmlu_k: int, ppl_windows: int, ppl_seq_len: int,
-                 template: data_lib.PromptTemplate, seed: int,
+                 template: encoding.PromptTemplate, seed: int,
                  corpus: str = "corpus/wikitext-2-test.txt",
-                 exclude_mmlu: Sequence[data_lib.MMLUItem] = ()) -> HeldOut:
+                 exclude_mmlu: Sequence[sources.MMLUItem] = ()) -> HeldOut:
   """Held-out TruthfulQA items (given), a seeded MMLU sample and corpus windows.
 
   `exclude_mmlu` (e.g. MMLU questions that were trained as facts) never enter the sample.
   """
   dev, sample = (), ()
   if mmlu_questions:
-    dev = tuple(data_lib.load_mmlu(data_dir, split="dev"))
+    dev = tuple(sources.load_mmlu(data_dir, split="dev"))
     excluded = set(exclude_mmlu)
-    test = [item for item in data_lib.load_mmlu(data_dir, split="test") if item not in excluded]
+    test = [item for item in sources.load_mmlu(data_dir, split="test") if item not in excluded]
     pick = np.random.default_rng([4, seed]).choice(len(test), size=min(mmlu_questions, len(test)),
                                                    replace=False)
     sample = tuple(test[i] for i in sorted(pick))
   windows = np.zeros((0, ppl_seq_len + 1), np.int32)
   if ppl_windows:
-    root = data_lib.resolve_data_dir(data_dir)
+    root = sources.resolve_data_dir(data_dir)
     path = pathlib.Path(corpus) if pathlib.Path(corpus).is_absolute() or root is None else root / corpus
     if not path.is_file():
       raise FileNotFoundError(f"perplexity corpus {path} not found (set eval.corpus to a text file)")
-    windows = data_lib.corpus_windows(tokenizer, path, ppl_seq_len, ppl_windows)
+    windows = encoding.corpus_windows(tokenizer, path, ppl_seq_len, ppl_windows)
   return HeldOut(tuple(truthfulqa_items), dev, sample, mmlu_k, windows, template)
 
 
+def recall_callback(model: Transformer, variables_of: Callable[[train_lib.TrainState], dict[str, Any]],
+                    tokenizer, facts: Sequence[facts_lib.Fact], template: encoding.PromptTemplate,
+                    every: int, stop_at_full: bool) -> Callable:
+  """A `train.fit` `on_epoch` hook: exact-match recall every `every` epochs; stops at 100%.
+
+  `variables_of(state)` gives the model's variables for a train state.
+  """
+
+  def on_epoch(epoch: int, state: train_lib.TrainState, fact_loss: np.ndarray) -> dict[str, Any]:
+    del fact_loss
+    if every <= 0 or (epoch + 1) % every:
+      return {}
+    rate = recall(model, variables_of(state), tokenizer, facts, template).rate
+    return {"recall": rate, "stop": bool(stop_at_full and rate == 1.0)}
+
+  return on_epoch
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  from lamini_jax import hf  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog="python -m lamini_jax.evaluate",
                                    description=__doc__.split("\n")[0])
-  parser.add_argument("--model", required=True, help="Hugging Face directory or hub id")
+  parser.add_argument("--model", help="Hugging Face directory or hub id (the base model; not with --run)")
   parser.add_argument("--run", type=pathlib.Path, help="a run directory of experiments.randomization")
-  parser.add_argument("--adapter", help="which trained adapter of --run to load (e.g. real, random)")
+  parser.add_argument("--adapter", help="which trained model of --run to load (its label, e.g. lora-real,"
+                      " mome-random; optional when the run holds one)")
   parser.add_argument("--facts", type=pathlib.Path, help="JSONL/CSV of question/answer facts: loss and recall")
   parser.add_argument("--truthfulqa", type=int, default=0, help="held-out TruthfulQA questions (MC1/MC2)")
   parser.add_argument("--mmlu", type=int, default=0, help="MMLU test questions (seeded sample)")
@@ -272,30 +295,32 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--ppl-seq-len", type=int, default=128)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--data-dir")
-  parser.add_argument("--template", default=data_lib.PromptTemplate().prompt,
+  parser.add_argument("--template", default=encoding.PromptTemplate().prompt,
                       help="prompt template (ignored with --run, which has its own)")
   parser.add_argument("--json", type=pathlib.Path, help="also write the metrics here")
   args = parser.parse_args(argv)
+  if (args.model is None) == (args.run is None):
+    parser.error("give exactly one of --model (a base model) and --run (a trained model of a run)")
   try:
-    cfg, params, model_dir = hf.load_pretrained(args.model)
-    tokenizer = hf.load_tokenizer(model_dir)
-    model, variables = Transformer(cfg), {"params": params}
-    template = data_lib.PromptTemplate(args.template.replace("\\n", "\n"))
     if args.run is not None:
-      from lamini_jax import memory_tuning  # pylint: disable=g-import-not-at-top
-      model, variables = memory_tuning.load_adapter(args.run, args.adapter, cfg, params)
-      run_cfg = memory_tuning.load_run_config(args.run / memory_tuning.CONFIG_FILE)
-      template = memory_tuning.prompt_template(run_cfg.data)
-    tqa: Sequence[data_lib.TruthfulQAItem] = ()
+      trained = runs.load_trained(args.run, args.adapter)
+      cfg, tokenizer = trained.backbone.cfg, trained.backbone.tokenizer
+      model, variables, template = trained.model, trained.variables, trained.template
+    else:
+      cfg, params, model_dir = hf.load_pretrained(args.model)
+      tokenizer = hf.load_tokenizer(model_dir)
+      model, variables = Transformer(cfg), {"params": params}
+      template = encoding.PromptTemplate(args.template.replace("\\n", "\n"))
+    tqa: Sequence[sources.TruthfulQAItem] = ()
     if args.truthfulqa:
-      _, tqa = data_lib.split_items(data_lib.load_truthfulqa(args.data_dir), 0, args.truthfulqa,
+      _, tqa = facts_lib.split_items(sources.load_truthfulqa(args.data_dir), 0, args.truthfulqa,
                                     args.seed)
     heldout = load_heldout(tokenizer, args.data_dir, tqa, args.mmlu, args.mmlu_k, args.ppl_windows,
                            args.ppl_seq_len, template, args.seed)
     metrics = heldout_metrics(model, variables, tokenizer, heldout)
     if args.facts is not None:
-      facts = data_lib.load_facts_file(args.facts)
-      enc = data_lib.encode_facts(tokenizer, template, facts, cfg.max_position_embeddings)
+      facts = facts_lib.load_facts_file(args.facts)
+      enc = encoding.encode_facts(tokenizer, template, facts, cfg.max_position_embeddings)
       metrics["fact_loss"] = float(np.mean(fact_losses(model, variables, enc)))
       metrics["recall"] = recall(model, variables, tokenizer, facts, template).rate
   except (ValueError, FileNotFoundError, KeyError) as e:

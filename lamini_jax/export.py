@@ -44,24 +44,28 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from lamini_jax import hf
-from lamini_jax import hf_mome
-from lamini_jax import memory_tuning as mt
-from lamini_jax import mome as mome_lib
 from lamini_jax.checkpoint import Checkpointer
 from lamini_jax.config import ModelConfig, dtype_of
+from lamini_jax import hf
+from lamini_jax import hf_mome
 from lamini_jax.lora import LoraConfig
 from lamini_jax.model import PROJECTIONS, Transformer, merge_lora, module_of
+from lamini_jax.mome.config import MomeConfig
+from lamini_jax.mome.layer import BALANCE, ROUTER, TABLE
+from lamini_jax.mome import router as router_lib
+from lamini_jax.mome import table as table_lib
+from lamini_jax import runs
 
 FORMATS = ("merged", "peft", "mome")
 EXPORT_FILE = "lamini_export.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MOME_GENERAL_LABEL = "mome-general"  # phase-1 checkpoints of a MoME run: not a tuned model
 _HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
-_MOME_TENSORS = {mome_lib.ROUTER: tuple(mome_lib.ROUTER_AXES),
-                 mome_lib.BALANCE: tuple(mome_lib.BALANCE_AXES),
-                 mome_lib.TABLE: tuple(mome_lib.TABLE_AXES)}
+_MOME_TENSORS = {ROUTER: tuple(router_lib.ROUTER_AXES), BALANCE: tuple(router_lib.BALANCE_AXES),
+                 TABLE: tuple(table_lib.TABLE_AXES)}
+# The `mome` field of a MoME export's config.json: the layers and the `MomeConfig` fields of the
+# layer, its width excepted (the backbone's hidden_size), `sub_keys` always written out.
+MOME_HF_FIELDS = tuple(f.name for f in dataclasses.fields(MomeConfig) if f.name != "embed_dim")
 
 
 class ExportError(ValueError):
@@ -163,26 +167,21 @@ def adapter_config(lora: LoraConfig, base_model: str) -> dict[str, Any]:
 
 def mome_hf_config(model: Transformer) -> dict[str, Any]:
   """The `mome` field of a MoME export's config.json."""
-  m = model.mome
-  return {"layers": sorted(model.mome_layers), "num_experts": m.num_experts,
-          "sub_keys": list(m.grid), "expert_rank": m.expert_rank, "num_heads": m.num_heads,
-          "key_dim": m.key_dim, "top_k": m.top_k, "activation": m.activation,
-          "threshold": m.threshold}
+  spec = {name: getattr(model.mome, name) for name in MOME_HF_FIELDS}
+  return {"layers": sorted(model.mome_layers), **spec, "sub_keys": list(model.mome.grid)}
 
 
-def mome_config_of(spec: dict[str, Any], hidden_size: int) -> mome_lib.MomeConfig:
+def mome_config_of(spec: dict[str, Any], hidden_size: int) -> MomeConfig:
   """The `MomeConfig` of a `mome` field; `sub_keys` is None when it is the default split."""
-  fields = dict(num_experts=spec["num_experts"], embed_dim=hidden_size, expert_rank=spec["expert_rank"],
-                num_heads=spec["num_heads"], key_dim=spec["key_dim"], top_k=spec["top_k"],
-                activation=spec["activation"], threshold=spec.get("threshold", 0.0))
+  fields = {name: spec[name] for name in MOME_HF_FIELDS if name in spec and name != "sub_keys"}
   sub_keys = tuple(spec["sub_keys"])
   try:
-    default = mome_lib.MomeConfig(**fields)
+    default = MomeConfig(**fields, embed_dim=hidden_size)
   except ValueError:
     default = None
   if default is not None and default.grid == sub_keys:
     return default
-  return mome_lib.MomeConfig(**fields, sub_keys=sub_keys)
+  return MomeConfig(**fields, embed_dim=hidden_size, sub_keys=sub_keys)
 
 
 def mome_tensor_name(layer: int, name: str) -> str:
@@ -295,38 +294,31 @@ def _load_mome_export(model_dir: pathlib.Path, hf_config: dict[str, Any],
     raise hf.CheckpointError(f"{model_dir / hf.CONFIG_FILE}: a MoME export needs a 'mome' field")
   model = Transformer(cfg, mome=mome_config_of(spec, cfg.hidden_size),
                       mome_layers=tuple(spec["layers"]))
-  files = hf._weight_files(model_dir)  # pylint: disable=protected-access
+  ckpt = hf.Checkpoint(model_dir, cfg)
   layout = hf.hf_layout(cfg)
-  shapes = {mome_lib.ROUTER: mome_lib.router_shapes(model.mome),
-            mome_lib.BALANCE: {"bias1": (model.mome.num_heads, model.mome.grid[0]),
+  shapes = {ROUTER: router_lib.router_shapes(model.mome),
+            BALANCE: {"bias1": (model.mome.num_heads, model.mome.grid[0]),
                                "bias2": (model.mome.num_heads, model.mome.grid[1])},
-            mome_lib.TABLE: mome_lib.table_shapes(model.mome)}
+            TABLE: table_lib.table_shapes(model.mome)}
   expected = dict(layout)
   for i in model.mome_layers:
     for collection, names in _MOME_TENSORS.items():
       for name in names:
         expected[mome_tensor_name(i, name)] = ((collection, f"layers_{i}", "mome", name),
                                                tuple(shapes[collection][name]))
-  missing = [k for k in expected if k not in files]
+  missing = [k for k in expected if k not in ckpt]
   if missing:
     raise hf.CheckpointError(f"{model_dir}: export is missing tensor {missing[0]!r} "
                              f"({len(missing)} missing in all)")
   np_dtype = np.dtype(dtype_of(param_dtype))
-  opened: dict[pathlib.Path, hf.SafetensorsFile] = {}
   variables: dict[str, Any] = {}
   for name, (path, shape) in expected.items():
-    if files[name] not in opened:
-      opened[files[name]] = hf.SafetensorsFile(files[name])
-    st = opened[files[name]]
     backbone = name in layout
-    want = hf._hf_shape(shape, path, cfg) if backbone else shape  # pylint: disable=protected-access
-    if st.shape(name) != tuple(want):
-      raise hf.CheckpointError(f"{files[name]}: tensor {name!r} has shape {list(st.shape(name))}, "
-                               f"expected {list(want)} from config.json")
+    want = hf.hf_shape(shape, path, cfg) if backbone else shape
     if backbone:
-      arr, path = hf.to_ours(st.get(name), path, shape).astype(np_dtype), ("params",) + path
+      arr, path = hf.to_ours(ckpt.read(name, want), path, shape).astype(np_dtype), ("params",) + path
     else:
-      arr = np.asarray(st.get(name), np.float32)
+      arr = np.asarray(ckpt.read(name, want), np.float32)
     node = variables
     for part in path[:-1]:
       node = node.setdefault(part, {})
@@ -346,8 +338,7 @@ def load_export(path, param_dtype: str = "float32") -> tuple[Transformer, dict[s
     lora = LoraConfig(rank=ac["r"], alpha=float(ac["lora_alpha"]),
                       targets=tuple(t.removesuffix("_proj") for t in ac["target_modules"]))
     cfg, params, _ = hf.load_pretrained(ac["base_model_name_or_path"], param_dtype=param_dtype)
-    st = hf.SafetensorsFile(model_dir / ADAPTER_WEIGHTS)
-    tensors = {k: st.get(k) for k in st.keys()}
+    tensors = hf.read_safetensors(model_dir / ADAPTER_WEIGHTS)
     lora_vars = jax.tree.map(jax.device_put, lora_from_peft(tensors, cfg, lora))
     return Transformer(cfg, lora=lora), {"params": params, "lora": lora_vars}, model_dir
   config_path = model_dir / hf.CONFIG_FILE
@@ -363,35 +354,13 @@ def load_export(path, param_dtype: str = "float32") -> tuple[Transformer, dict[s
 # Run directories.
 
 
-def resolve_checkpoint(checkpoint, adapter: str | None) -> tuple[pathlib.Path, str]:
+def resolve_checkpoint(checkpoint, adapter: str | None) -> tuple[runs.RunDir, str]:
   """(run directory, label) of `RUN_DIR` + `adapter`, or of `RUN_DIR/checkpoints/LABEL`."""
-  path = pathlib.Path(checkpoint)
-  if not path.exists():
-    raise ExportError(f"--checkpoint {path} does not exist")
-  if (path / mt.CONFIG_FILE).is_file():
-    run_dir, label = path, adapter
-  elif path.parent.name == "checkpoints" and (path.parent.parent / mt.CONFIG_FILE).is_file():
-    run_dir, label = path.parent.parent, path.name
-    if adapter is not None and adapter != label:
-      raise ExportError(f"--checkpoint {path} is adapter {label!r} but --adapter says {adapter!r}")
-  else:
-    raise ExportError(f"--checkpoint {path} is neither a run directory (with {mt.CONFIG_FILE}) nor "
-                      f"RUN_DIR/checkpoints/LABEL")
-  root = run_dir / "checkpoints"
-  labels = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != MOME_GENERAL_LABEL
-                  ) if root.is_dir() else []
-  if label is None:
-    if len(labels) != 1:
-      raise ExportError(f"{run_dir} holds {len(labels)} trained models {labels}; choose one with --adapter")
-    label = labels[0]
-  if label not in labels:
-    raise ExportError(f"{run_dir}: no checkpoint for adapter {label!r}; available: {labels}")
-  return run_dir, label
-
-
-def is_mome_run(run_dir: pathlib.Path, label: str) -> bool:
-  """A MoME run keeps its frozen router in `mome/<label>` beside its checkpoints."""
-  return (run_dir / "mome" / label).is_dir()
+  try:
+    run, label = runs.run_dir_of_checkpoint(checkpoint, adapter)
+    return run, run.resolve_label(label)
+  except (FileNotFoundError, ValueError) as e:
+    raise ExportError(f"--checkpoint: {e}") from None
 
 
 def _check_format(fmt: str, mome_run: bool, run_dir: pathlib.Path, label: str) -> None:
@@ -421,25 +390,22 @@ def export_checkpoint(checkpoint, out_dir, fmt: str, *, adapter: str | None = No
   `base_model` overrides the base model id recorded in a PEFT adapter (e.g. the
   hub id of a backbone trained from a local copy).
   """
-  run_dir, label = resolve_checkpoint(checkpoint, adapter)
-  mome_run = is_mome_run(run_dir, label)
-  _check_format(fmt, mome_run, run_dir, label)
+  run, label = resolve_checkpoint(checkpoint, adapter)
+  _check_format(fmt, run.is_mome(label), run.path, label)
   if dtype is not None:
     dtype_of(dtype, "--dtype")
-  run_cfg = mt.load_run_config(run_dir / mt.CONFIG_FILE)
-  model_path = mt.resolve_model_path(run_cfg.model.path)
-  cfg, params, model_dir = hf.load_pretrained(model_path, param_dtype=run_cfg.model.param_dtype)
-  ckpt = Checkpointer(run_dir / "checkpoints" / label, every=0)
+  trained = runs.load_trained(run.path, label)
+  ckpt = Checkpointer(run.paths(label).checkpoints, every=0)
   step = ckpt.latest_step()
   ckpt.close()
-  source = Source(base_model=_base_model_id(model_path), run_dir=str(run_dir.resolve()), label=label,
+  model_path = runs.resolve_model_path(trained.config.model.path)
+  source = Source(base_model=_base_model_id(model_path), run_dir=str(run.path.resolve()), label=label,
                   step=step)
+  model, variables, model_dir = trained.model, trained.variables, trained.backbone.model_dir
+  cfg, params = trained.backbone.cfg, trained.backbone.params
   if fmt == "mome":
-    from lamini_jax import mome_tuning  # pylint: disable=g-import-not-at-top
-    model, variables = mome_tuning.load_mome(run_dir, label, cfg, params)
     return export_mome(out_dir, model, variables, tokenizer_dir=model_dir, source=source, dtype=dtype,
                        max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-  model, variables = mt.load_adapter(run_dir, label, cfg, params)
   if fmt == "merged":
     return export_merged(out_dir, cfg, params, variables["lora"], model.lora, tokenizer_dir=model_dir,
                          source=source, dtype=dtype, max_shard_bytes=max_shard_bytes,

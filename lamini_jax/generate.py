@@ -20,8 +20,10 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from lamini_jax.config import ModelConfig
+from lamini_jax import hf
 from lamini_jax.model import KVCache, Transformer
 
 
@@ -133,7 +135,6 @@ def generate_text(model: Transformer, variables: Any, tokenizer, prompts: Sequen
   texts = []
   starts: Any = range(0, len(encoded), batch_size)
   if progress and len(encoded) > batch_size:
-    import tqdm  # pylint: disable=g-import-not-at-top
     starts = tqdm.tqdm(starts, desc="generating", unit="batch")
   for start in starts:
     chunk = encoded[start:start + batch_size]
@@ -143,7 +144,6 @@ def generate_text(model: Transformer, variables: Any, tokenizer, prompts: Sequen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from lamini_jax import hf  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog="python -m lamini_jax.generate", description=__doc__.split("\n")[0])
   parser.add_argument("--model", required=True, help="local Hugging Face directory or hub id")
   source = parser.add_mutually_exclusive_group(required=True)

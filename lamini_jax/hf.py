@@ -3,7 +3,9 @@
 Import streams tensor by tensor from `model.safetensors` or a sharded
 `model.safetensors.index.json`: each tensor is read from a memory map, laid out
 for our modules, cast and placed on its device (or mesh sharding) before the
-next is read, so host memory never holds a second copy of the model. Export
+next is read, so host memory never holds a second copy of the model. A tied
+embedding may be stored as `model.embed_tokens.weight`, through a safetensors
+`__metadata__` alias, or as `lm_head.weight` alone (see `Checkpoint`). Export
 writes a directory that `transformers.AutoModelForCausalLM.from_pretrained`
 loads offline.
 """
@@ -14,12 +16,15 @@ import json
 import os
 import pathlib
 import shutil
-import struct
 from typing import Any, Iterator
 
+import huggingface_hub
 import jax
-import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
+import tqdm
+import transformers
 
 from lamini_jax.config import ModelConfig, dtype_of
 from lamini_jax.model import PROJECTIONS, module_of
@@ -29,14 +34,9 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json")
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-_ST_TO_NP = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_NP_TO_ST = {np.dtype(v): k for k, v in _ST_TO_NP.items()}
 
 
 class CheckpointError(ValueError):
@@ -44,72 +44,126 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------
-# safetensors: 8-byte little-endian header size, a JSON header, then raw data.
+# safetensors files, through the `safetensors` package.
+#
+# We read with `safe_open(framework="numpy")`: it memory-maps the file and
+# `get_tensor` copies out one tensor at a time, which we lay out, cast and
+# `device_put` to its sharding before reading the next. In safetensors 0.8 the
+# numpy framework maps BF16 to `ml_dtypes.bfloat16` both ways (measured: a BF16
+# tensor written by torch reads back bit-exact, and `save_file` writes
+# `ml_dtypes.bfloat16` as BF16), so no uint16 view is needed. We do not use
+# `framework="flax"`: it would put every tensor whole on the default device
+# before we could lay it out and shard it.
 
 
-class SafetensorsFile:
-  """A lazily read safetensors file; `get` memory-maps one tensor at a time."""
+def _open(path: pathlib.Path):
+  try:
+    return safetensors.safe_open(path, framework="numpy")
+  except safetensors.SafetensorError as e:
+    raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
-  def __init__(self, path: os.PathLike):
-    self.path = pathlib.Path(path)
-    size = self.path.stat().st_size
-    with open(self.path, "rb") as f:
-      raw = f.read(8)
-      if len(raw) < 8:
-        raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
-      (n,) = struct.unpack("<Q", raw)
-      if n > size - 8:
-        raise CheckpointError(
-            f"{self.path}: truncated or not a safetensors file (header of {n} bytes, file of {size})")
-      try:
-        header = json.loads(f.read(n))
-      except ValueError as e:
-        raise CheckpointError(f"{self.path}: corrupt safetensors header: {e}") from None
-    header.pop("__metadata__", None)
-    self._offset = 8 + n
-    self._header = header
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if self._offset + end > size:
-      raise CheckpointError(
-          f"{self.path}: truncated safetensors file: the header declares "
-          f"{self._offset + end} bytes, the file has {size}")
 
-  def keys(self) -> list[str]:
-    return list(self._header)
+def _get(st, path: pathlib.Path, name: str) -> np.ndarray:
+  try:
+    return st.get_tensor(name)
+  except (safetensors.SafetensorError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot read tensor {name!r}: {e}") from None
 
-  def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self._header[key]["shape"])
 
-  def get(self, key: str) -> np.ndarray:
-    info = self._header[key]
-    if info["dtype"] not in _ST_TO_NP:
-      raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}")
-    start, end = info["data_offsets"]
-    dtype = np.dtype(_ST_TO_NP[info["dtype"]])
-    count = (end - start) // dtype.itemsize
-    arr = np.memmap(self.path, dtype=dtype, mode="r", offset=self._offset + start, shape=(count,))
-    return arr.reshape(info["shape"])
+def read_safetensors(path: os.PathLike) -> dict[str, np.ndarray]:
+  """All tensors of one safetensors file (for small files such as adapters)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise CheckpointError(f"{path} not found")
+  st = _open(path)
+  return {name: _get(st, path, name) for name in st.keys()}
 
 
 def write_safetensors(path: os.PathLike, tensors: dict[str, np.ndarray],
                       metadata: dict[str, str] | None = None) -> None:
-  """Writes tensors (numpy, ml_dtypes bfloat16 included) in safetensors format."""
-  header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-  offset = 0
-  for name, arr in tensors.items():
-    nbytes = arr.size * arr.dtype.itemsize
-    header[name] = {"dtype": _NP_TO_ST[arr.dtype], "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)
-  tmp = pathlib.Path(str(path) + ".tmp")
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for arr in tensors.values():
-      f.write(np.ascontiguousarray(arr).tobytes())
+  """Writes numpy tensors (ml_dtypes bfloat16 included) to one safetensors file."""
+  path = pathlib.Path(path)
+  # `save_file` writes from each array's data pointer, so arrays must be contiguous.
+  contiguous = {name: np.ascontiguousarray(arr) for name, arr in tensors.items()}
+  tmp = path.with_name(path.name + ".tmp")
+  safetensors.numpy.save_file(contiguous, tmp, metadata=metadata or {"format": "pt"})
   os.replace(tmp, path)
+
+
+class Checkpoint:
+  """The tensors of a model directory (`model.safetensors` or a sharded index).
+
+  A name resolves to a stored tensor, or through a file's `__metadata__` alias
+  (safetensors' shared-tensor de-duplication writes `{removed: kept}`), or, when
+  `cfg.tie_word_embeddings`, `model.embed_tokens.weight` resolves to
+  `lm_head.weight` if that is the only copy (`transformers` ties both ways).
+  Files are memory-mapped; `read` copies out one tensor at a time.
+  """
+
+  def __init__(self, model_dir: os.PathLike, cfg: ModelConfig | None = None):
+    self.model_dir = pathlib.Path(model_dir)
+    index, single = self.model_dir / INDEX_FILE, self.model_dir / SINGLE_FILE
+    if index.is_file():
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+      listed = {name: self.model_dir / f for name, f in weight_map.items()}
+    elif single.is_file():
+      listed = None
+    else:
+      found = sorted(p.name for p in self.model_dir.iterdir())
+      raise CheckpointError(
+          f"{self.model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (found: {', '.join(found) or 'nothing'}); "
+          "lamini-jax reads safetensors checkpoints only")
+    self._opened: dict[pathlib.Path, Any] = {}
+    for f in sorted(set(listed.values())) if listed is not None else [single]:
+      if not f.is_file():
+        raise CheckpointError(f"{index} lists {f.name}, which is missing from {self.model_dir}")
+      self._opened[f] = _open(f)
+    self.files = {name: f for f, st in self._opened.items() for name in st.keys()}
+    for name, f in (listed or {}).items():
+      if self.files.get(name) != f:
+        raise CheckpointError(f"{index} lists tensor {name!r} in {f.name}, which does not hold it")
+    self.aliases: dict[str, str] = {}
+    for f, st in self._opened.items():
+      for alias, kept in (st.metadata() or {}).items():
+        if alias not in self.files and self.files.get(kept) == f:
+          self.aliases[alias] = kept
+    if cfg is not None and cfg.tie_word_embeddings and EMBED not in self and LM_HEAD in self:
+      self.aliases[EMBED] = self.aliases.get(LM_HEAD, LM_HEAD)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.files or name in self.aliases
+
+  def keys(self) -> list[str]:
+    """The names of the stored tensors (aliases not included)."""
+    return list(self.files)
+
+  def _source(self, name: str) -> tuple[pathlib.Path, str]:
+    stored = self.aliases.get(name, name)
+    if stored not in self.files:
+      raise CheckpointError(f"{self.model_dir}: checkpoint is missing tensor {name!r}")
+    return self.files[stored], stored
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    file, stored = self._source(name)
+    return tuple(self._opened[file].get_slice(stored).get_shape())
+
+  def read(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Tensor `name` as stored, after checking its shape against `shape` if given."""
+    file, stored = self._source(name)
+    if shape is not None and self.shape(name) != tuple(shape):
+      via = f" (stored as {stored!r})" if stored != name else ""
+      raise CheckpointError(f"{file}: tensor {name!r}{via} has shape {list(self.shape(name))}, "
+                            f"expected {list(shape)} from config.json")
+    return _get(self._opened[file], file, stored)
+
+  def __enter__(self) -> Checkpoint:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._opened.clear()  # drops the memory maps
 
 
 # ---------------------------------------------------------------------------
@@ -127,7 +181,6 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
   looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1
   if looks_local:
     raise CheckpointError(f"model directory {text!r} does not exist")
-  import huggingface_hub  # pylint: disable=g-import-not-at-top
   try:
     local = huggingface_hub.snapshot_download(
         text, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"])
@@ -169,11 +222,11 @@ def hf_layout(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, .
   """HF tensor name -> (our parameter path, our shape)."""
   d = cfg.hidden_size
   out: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
-      "model.embed_tokens.weight": (("embedding",), (cfg.vocab_size, d)),
+      EMBED: (("embedding",), (cfg.vocab_size, d)),
       "model.norm.weight": (("final_norm", "scale"), (d,)),
   }
   if not cfg.tie_word_embeddings:
-    out["lm_head.weight"] = (("lm_head",), (d, cfg.vocab_size))
+    out[LM_HEAD] = (("lm_head",), (d, cfg.vocab_size))
   hf_module = {"attn": "self_attn", "mlp": "mlp"}
   for i in range(cfg.num_layers):
     layer = f"layers_{i}"
@@ -186,7 +239,8 @@ def hf_layout(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, .
   return out
 
 
-def _hf_shape(ours: tuple[int, ...], path: tuple[str, ...], cfg: ModelConfig) -> tuple[int, ...]:
+def hf_shape(ours: tuple[int, ...], path: tuple[str, ...], cfg: ModelConfig) -> tuple[int, ...]:
+  """The HF shape of our parameter at `path` whose shape is `ours`."""
   if path[-1] == "kernel":
     _, n_in = _proj_shape(cfg, path[-2])
     return (int(np.prod(ours[n_in:])), int(np.prod(ours[:n_in])))
@@ -202,32 +256,9 @@ def to_ours(hf_arr: np.ndarray, path: tuple[str, ...], shape: tuple[int, ...]) -
 
 
 def to_hf(arr: np.ndarray, path: tuple[str, ...], cfg: ModelConfig) -> np.ndarray:
-  hf_shape = _hf_shape(arr.shape, path, cfg)
   if path[-1] == "kernel" or path == ("lm_head",):
-    return np.ascontiguousarray(arr.reshape(hf_shape[::-1]).T)
+    return np.ascontiguousarray(arr.reshape(hf_shape(arr.shape, path, cfg)[::-1]).T)
   return arr
-
-
-def _weight_files(model_dir: pathlib.Path) -> dict[str, pathlib.Path]:
-  """Tensor name -> the safetensors file holding it."""
-  index = model_dir / INDEX_FILE
-  single = model_dir / SINGLE_FILE
-  if index.is_file():
-    try:
-      weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError) as e:
-      raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-    files = {name: model_dir / f for name, f in weight_map.items()}
-    for f in sorted(set(files.values())):
-      if not f.is_file():
-        raise CheckpointError(f"{index} lists {f.name}, which is missing from {model_dir}")
-    return files
-  if single.is_file():
-    return {k: single for k in SafetensorsFile(single).keys()}
-  found = sorted(p.name for p in model_dir.iterdir())
-  raise CheckpointError(
-      f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE} (found: {', '.join(found) or 'nothing'}); "
-      "lamini-jax reads safetensors checkpoints only")
 
 
 def load_params(model_dir: os.PathLike, cfg: ModelConfig, shardings: Any = None,
@@ -238,41 +269,30 @@ def load_params(model_dir: os.PathLike, cfg: ModelConfig, shardings: Any = None,
   parameters; each tensor goes straight to its sharding.
   """
   model_dir = pathlib.Path(model_dir)
-  files = _weight_files(model_dir)
   layout = hf_layout(cfg)
-  missing = [k for k in layout if k not in files]
-  if missing:
-    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-    raise CheckpointError(f"{model_dir}: checkpoint is missing tensor {missing[0]!r}{more}")
-  unexpected = [k for k in files if k not in layout and not k.endswith(_IGNORED_SUFFIXES)
-                and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-  if unexpected:
-    raise CheckpointError(
-        f"{model_dir}: unexpected tensor {unexpected[0]!r} for a {cfg.architecture} model "
-        f"with this config.json ({len(unexpected)} unexpected in all)")
-  dtype = dtype_of(cfg.param_dtype)
-  opened: dict[pathlib.Path, SafetensorsFile] = {}
-  params: dict[str, Any] = {}
-  names: Any = layout.items()
-  if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
-    names = tqdm.tqdm(names, desc="loading weights", unit="tensor")
-  for name, (path, shape) in names:
-    file = files[name]
-    if file not in opened:
-      opened[file] = SafetensorsFile(file)
-    st = opened[file]
-    hf_shape = _hf_shape(shape, path, cfg)
-    if st.shape(name) != hf_shape:
+  with Checkpoint(model_dir, cfg) as ckpt:
+    missing = [k for k in layout if k not in ckpt]
+    if missing:
+      more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+      raise CheckpointError(f"{model_dir}: checkpoint is missing tensor {missing[0]!r}{more}")
+    unexpected = [k for k in ckpt.keys() if k not in layout and not k.endswith(_IGNORED_SUFFIXES)
+                  and not (k == LM_HEAD and cfg.tie_word_embeddings)]
+    if unexpected:
       raise CheckpointError(
-          f"{file}: tensor {name!r} has shape {list(st.shape(name))}, expected {list(hf_shape)} "
-          "from config.json")
-    arr = to_ours(st.get(name), path, shape).astype(dtype)
-    sharding = _lookup(shardings, path) if shardings is not None else None
-    node = params
-    for part in path[:-1]:
-      node = node.setdefault(part, {})
-    node[path[-1]] = jax.device_put(arr, sharding)
+          f"{model_dir}: unexpected tensor {unexpected[0]!r} for a {cfg.architecture} model "
+          f"with this config.json ({len(unexpected)} unexpected in all)")
+    dtype = dtype_of(cfg.param_dtype)
+    params: dict[str, Any] = {}
+    names: Any = layout.items()
+    if progress:
+      names = tqdm.tqdm(names, desc="loading weights", unit="tensor")
+    for name, (path, shape) in names:
+      arr = to_ours(ckpt.read(name, hf_shape(shape, path, cfg)), path, shape).astype(dtype)
+      sharding = _lookup(shardings, path) if shardings is not None else None
+      node = params
+      for part in path[:-1]:
+        node = node.setdefault(part, {})
+      node[path[-1]] = jax.device_put(arr, sharding)
   return params
 
 
@@ -353,7 +373,6 @@ def copy_tokenizer(src: os.PathLike, dst: os.PathLike) -> None:
 
 def load_tokenizer(model_dir: os.PathLike):
   """The `transformers.AutoTokenizer` stored in a model directory."""
-  import transformers  # pylint: disable=g-import-not-at-top
   model_dir = pathlib.Path(model_dir)
   if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
     raise CheckpointError(f"{model_dir}: no tokenizer.json or tokenizer.model in the model directory")

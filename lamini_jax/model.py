@@ -1,9 +1,6 @@
 """The Llama / Mistral decoder as pure-functional Flax (linen) modules.
 
-Einsum letters, used across the package:
-  B batch, T query positions, S key positions (cache slots), D model width,
-  N query heads, K key/value heads, G query heads per KV head (N = K*G),
-  H head dim, F MLP width, V vocabulary, R adapter rank, L layers.
+Shape and einsum letters: the package legend in `lamini_jax/__init__.py`.
 
 Variable collections: `"params"` holds the (frozen) backbone, `"lora"` the LoRA
 adapters, and the `"mome*"` collections the MoME router and expert table
@@ -20,6 +17,7 @@ import functools
 import math
 from typing import Any
 
+import einops
 import flax.linen as nn
 import flax.struct
 import jax
@@ -27,17 +25,18 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 
-from kernels.dispatch import gather_apply_auto
-from kernels.gather_apply import GatherApplyFn
 from lamini_jax.config import ModelConfig, dtype_of
 from lamini_jax.lora import LoraConfig, lora_specs, merged_kernel
-from lamini_jax.mome import MomeConfig, MomeLayer
+from lamini_jax.mome.config import MomeConfig
+from lamini_jax.mome.layer import MomeLayer
+from lamini_jax_kernels.dispatch import gather_apply_auto
+from lamini_jax_kernels.gather_apply import GatherApplyFn
 
 # einsum, kernel shape (as config attributes), logical axes, for every projection.
 PROJECTIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "q": ("BTD,DNH->BTNH", ("hidden_size", "num_heads", "head_dim"), ("embed", "q_heads", "head_dim")),
-    "k": ("BTD,DKH->BTKH", ("hidden_size", "num_kv_heads", "head_dim"), ("embed", "kv_heads", "head_dim")),
-    "v": ("BTD,DKH->BTKH", ("hidden_size", "num_kv_heads", "head_dim"), ("embed", "kv_heads", "head_dim")),
+    "k": ("BTD,DYH->BTYH", ("hidden_size", "num_kv_heads", "head_dim"), ("embed", "kv_heads", "head_dim")),
+    "v": ("BTD,DYH->BTYH", ("hidden_size", "num_kv_heads", "head_dim"), ("embed", "kv_heads", "head_dim")),
     "o": ("BTNH,NHD->BTD", ("num_heads", "head_dim", "hidden_size"), ("q_heads", "head_dim", "embed")),
     "gate": ("BTD,DF->BTF", ("hidden_size", "intermediate_size"), ("embed", "mlp")),
     "up": ("BTD,DF->BTF", ("hidden_size", "intermediate_size"), ("embed", "mlp")),
@@ -89,7 +88,7 @@ class KVCache:
   `end` is the next free slot (shared by all rows: prompts are left-padded).
   """
 
-  k: tuple[jax.Array, ...]  # per layer [B, K, S, H]
+  k: tuple[jax.Array, ...]  # per layer [B, Y, S, H]
   v: tuple[jax.Array, ...]
   valid_BxS: jax.Array
   end: jax.Array  # int32 scalar
@@ -194,35 +193,33 @@ class Attention(nn.Module):
     cdt = dtype_of(cfg.compute_dtype)
     inv_freq = rope_inv_freq(cfg)
     q_BxTxNxH = apply_rope(Projection("q", cfg, self.lora, name="q")(x_BxTxD), positions_BxT, inv_freq)
-    k_BxTxKxH = apply_rope(Projection("k", cfg, self.lora, name="k")(x_BxTxD), positions_BxT, inv_freq)
-    v_BxTxKxH = Projection("v", cfg, self.lora, name="v")(x_BxTxD)
+    k_BxTxYxH = apply_rope(Projection("k", cfg, self.lora, name="k")(x_BxTxD), positions_BxT, inv_freq)
+    v_BxTxYxH = Projection("v", cfg, self.lora, name="v")(x_BxTxD)
     b, t = x_BxTxD.shape[:2]
-    # Heads-major layouts ([B, K, ., H]) keep the batched matmuls contiguous; XLA on
+    # Heads-major layouts ([B, Y, ., H]) keep the batched matmuls contiguous; XLA on
     # CPU is several times slower on the token-major layout for small head_dim.
-    k_BxKxTxH = jnp.swapaxes(k_BxTxKxH, 1, 2).astype(cdt)
-    v_BxKxTxH = jnp.swapaxes(v_BxTxKxH, 1, 2).astype(cdt)
+    k_BxYxTxH = jnp.swapaxes(k_BxTxYxH, 1, 2).astype(cdt)
+    v_BxYxTxH = jnp.swapaxes(v_BxTxYxH, 1, 2).astype(cdt)
     if kv is None:
-      k_BxKxSxH, v_BxKxSxH, new_kv = k_BxKxTxH, v_BxKxTxH, None
+      k_BxYxSxH, v_BxYxSxH, new_kv = k_BxYxTxH, v_BxYxTxH, None
     else:
       k_cache, v_cache, end = kv
-      k_BxKxSxH = jax.lax.dynamic_update_slice(k_cache, k_BxKxTxH.astype(k_cache.dtype), (0, 0, end, 0))
-      v_BxKxSxH = jax.lax.dynamic_update_slice(v_cache, v_BxKxTxH.astype(v_cache.dtype), (0, 0, end, 0))
-      new_kv = (k_BxKxSxH, v_BxKxSxH)
-    # Query rows are (group, position) pairs: [B, K, G*T, H].
-    q_BxKxGTxH = q_BxTxNxH.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim)
-    q_BxKxGTxH = q_BxKxGTxH.transpose(0, 2, 3, 1, 4).reshape(b, cfg.num_kv_heads, -1, cfg.head_dim)
-    scores_BxKxGTxS = einsum("BKQH,BKSH->BKQS", q_BxKxGTxH, k_BxKxSxH, cdt) * (cfg.head_dim ** -0.5)
-    k_slots_S = jnp.arange(k_BxKxSxH.shape[2])
+      k_BxYxSxH = jax.lax.dynamic_update_slice(k_cache, k_BxYxTxH.astype(k_cache.dtype), (0, 0, end, 0))
+      v_BxYxSxH = jax.lax.dynamic_update_slice(v_cache, v_BxYxTxH.astype(v_cache.dtype), (0, 0, end, 0))
+      new_kv = (k_BxYxSxH, v_BxYxSxH)
+    # Query rows are (group, position) pairs: [B, Y, Z = G*T, H].
+    q_BxYxZxH = einops.rearrange(q_BxTxNxH, "b t (y g) h -> b y (g t) h", y=cfg.num_kv_heads)
+    scores_BxYxZxS = einsum("BYZH,BYSH->BYZS", q_BxYxZxH, k_BxYxSxH, cdt) * (cfg.head_dim ** -0.5)
+    k_slots_S = jnp.arange(k_BxYxSxH.shape[2])
     allowed_TxS = k_slots_S[None, :] <= q_slots_T[:, None]
     if cfg.sliding_window is not None:
       allowed_TxS &= (q_slots_T[:, None] - k_slots_S[None, :]) < cfg.sliding_window
-    allowed_GTxS = jnp.tile(allowed_TxS, (cfg.num_groups, 1))
-    allowed = allowed_GTxS[None, None] & mask_BxS[:, None, None, :]
-    scores_BxKxGTxS = jnp.where(allowed, scores_BxKxGTxS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores_BxKxGTxS, axis=-1)
-    out_BxKxGTxH = einsum("BKQS,BKSH->BKQH", probs, v_BxKxSxH, cdt)
-    out_BxTxNxH = out_BxKxGTxH.reshape(b, cfg.num_kv_heads, cfg.num_groups, t, cfg.head_dim)
-    out_BxTxNxH = out_BxTxNxH.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    allowed_ZxS = jnp.tile(allowed_TxS, (cfg.num_groups, 1))
+    allowed = allowed_ZxS[None, None] & mask_BxS[:, None, None, :]
+    scores_BxYxZxS = jnp.where(allowed, scores_BxYxZxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores_BxYxZxS, axis=-1)
+    out_BxYxZxH = einsum("BYZS,BYSH->BYZH", probs, v_BxYxSxH, cdt)
+    out_BxTxNxH = einops.rearrange(out_BxYxZxH, "b y (g t) h -> b t (y g) h", t=t)
     return Projection("o", cfg, self.lora, name="o")(out_BxTxNxH), new_kv
 
 

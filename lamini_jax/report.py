@@ -5,6 +5,8 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Sequence
 
+from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
 MODEL_COLUMNS = ("perplexity", "mc1", "mc2", "answer_loss", "answer_loss_head", "answer_loss_tail",
                  "mmlu_acc")
 
@@ -12,11 +14,9 @@ MODEL_COLUMNS = ("perplexity", "mc1", "mc2", "answer_loss", "answer_loss_head", 
 def plot_loss_curves(histories: dict[str, list[dict[str, Any]]], path: pathlib.Path,
                      title: str) -> None:
   """Loss per epoch, one line per run label (Figure 1 / Figure 5 of the paper)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   methods = sorted({label.split("-")[0] for label in histories})
-  fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4), squeeze=False)
+  fig = Figure(figsize=(6 * len(methods), 4))
+  axes = fig.subplots(1, len(methods), squeeze=False)
   for ax, method in zip(axes[0], methods):
     for label, history in sorted(histories.items()):
       if not label.startswith(method + "-") or not history:
@@ -33,7 +33,6 @@ def plot_loss_curves(histories: dict[str, list[dict[str, Any]]], path: pathlib.P
     ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def _cell(text: str) -> str:

@@ -10,22 +10,21 @@ one JSON line per epoch, checkpoints every N steps and resumes exactly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 import time
 from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 
-from lamini_jax import data as data_lib
 from lamini_jax.checkpoint import Checkpointer
-from lamini_jax.model import Transformer
+from lamini_jax.data import batches as batch_lib
+from lamini_jax.data import encoding
 
 
 DECAY_FLOOR = 0.1  # OptimizerConfig.decay_steps: the learning rate ends at 10%
@@ -101,6 +100,20 @@ class TrainConfig:
       raise ValueError(f"train.length_bucket must be positive or null, got {self.length_bucket}")
 
 
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+  """Where one training run writes, as laid out by `lamini_jax.runs.RunDir.paths(label)`.
+
+  `checkpoints`: its Orbax checkpoints; `metrics`: the JSONL file it appends one
+  line per epoch to; `store`: what a method keeps beside its train state (MoME:
+  the frozen router and the collision report; MoME's phase 1: its result).
+  """
+
+  checkpoints: pathlib.Path
+  metrics: pathlib.Path
+  store: pathlib.Path
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -120,42 +133,6 @@ def token_nll(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, mask_BxT: jax.Arra
   row_sum_B = jnp.sum(nll_BxT * mask, axis=1)
   row_count_B = jnp.sum(mask, axis=1)
   return jnp.sum(row_sum_B) / jnp.maximum(jnp.sum(row_count_B), 1.0), row_sum_B, row_count_B
-
-
-def init_lora_state(model: Transformer, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-  """LoRA variables (B = 0) and their optimizer state, without touching the backbone."""
-  key = jax.random.key(seed)
-  abstract = jax.eval_shape(lambda k: model.init({"params": k}, jnp.zeros((1, 1), jnp.int32)), key)
-  if "lora" not in abstract:
-    raise ValueError("the model has no LoRA adapters: give Transformer(cfg, lora=LoraConfig(...))")
-  lora = jax.jit(lambda k: nn.meta.unbox(model.init({"params": k}, jnp.zeros((1, 1), jnp.int32))["lora"]))(key)
-  return TrainState(step=jnp.zeros((), jnp.int32), trainable=lora, opt_state=optimizer.init(lora),
-                    rng=jax.random.key_data(jax.random.fold_in(key, 1)))
-
-
-@functools.lru_cache(maxsize=8)
-def make_lora_step(model: Transformer, optimizer_cfg: OptimizerConfig) -> Callable:
-  """The jitted LoRA step; only the `"lora"` collection is differentiated and updated.
-
-  Cached per (model, optimizer config), so runs in one process share compilations.
-  """
-  optimizer = optimizer_cfg.build()
-
-  def loss_fn(lora, frozen, tokens_BxT, mask_BxT):
-    logits, _ = model.apply({"params": frozen, "lora": lora}, tokens_BxT)
-    loss, row_sum, row_count = token_nll(logits, tokens_BxT, mask_BxT)
-    return loss, (row_sum, row_count)
-
-  def step(state: TrainState, frozen, tokens_BxT, mask_BxT):
-    (loss, (row_sum, row_count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.trainable, frozen, tokens_BxT, mask_BxT)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
-    return new_state, {"loss": loss, "row_sum": row_sum, "row_count": row_count,
-                       "grad_norm": optax.global_norm(grads)}
-
-  return jax.jit(step, donate_argnums=0)
 
 
 @dataclasses.dataclass
@@ -183,30 +160,29 @@ class _Epoch:
     return self.total / np.maximum(self.count, 1)
 
 
-def fit(step_fn: Callable, state: TrainState, frozen: Any, encoded: Sequence[data_lib.EncodedFact],
+def fit(step_fn: Callable, state: TrainState, frozen: Any, encoded: Sequence[encoding.EncodedFact],
         cfg: TrainConfig, *, pad_id: int, label: str = "train",
-        run_dir: pathlib.Path | None = None, resume: bool = False, progress: bool = True,
+        paths: RunPaths | None = None, resume: bool = False, progress: bool = True,
         stop_after_steps: int | None = None,
         on_epoch: Callable[[int, TrainState, np.ndarray], dict[str, Any]] | None = None) -> FitResult:
   """Trains for `cfg.epochs` (or until every fact's loss < `cfg.stop_loss`).
 
-  With `run_dir`, writes `run_dir/metrics.jsonl` (one line per epoch, tagged with
-  `label`) and checkpoints into `run_dir/checkpoints/<label>`; `resume=True` restarts
-  from the newest checkpoint there, with the same batches and the same results as
+  With `paths`, appends one line per epoch (tagged with `label`) to `paths.metrics`
+  and checkpoints into `paths.checkpoints`; `resume=True` restarts from the newest
+  checkpoint there, with the same batches and the same results as
   an uninterrupted run. `stop_after_steps` ends the loop early (tests, debugging).
   `on_epoch(epoch, state, fact_loss)` may add metrics to the epoch's record; a
   true `"stop"` among them ends training after that epoch.
   """
   n = len(encoded)
-  n_batches = data_lib.num_batches(n, cfg.batch_size)
+  n_batches = batch_lib.num_batches(n, cfg.batch_size)
   ckpt = None
   start_epoch, start_batch, epoch_acc, history = 0, 0, _Epoch(n), []
   metrics_path = None
-  if run_dir is not None:
-    run_dir = pathlib.Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.jsonl"
-    ckpt = Checkpointer(run_dir / "checkpoints" / label, cfg.checkpoint_every)
+  if paths is not None:
+    paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path = paths.metrics
+    ckpt = Checkpointer(paths.checkpoints, cfg.checkpoint_every)
     if resume:
       restored = ckpt.restore(state)
       if restored is not None:
@@ -220,7 +196,6 @@ def fit(step_fn: Callable, state: TrainState, frozen: Any, encoded: Sequence[dat
       metrics_path.write_text("".join(f"{line}\n" for line in kept))
   bar = None
   if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm.tqdm(total=cfg.epochs * n_batches, initial=start_epoch * n_batches + start_batch,
                     desc=label, unit="step", dynamic_ncols=True)
   t0 = time.perf_counter()
@@ -230,7 +205,7 @@ def fit(step_fn: Callable, state: TrainState, frozen: Any, encoded: Sequence[dat
   for epoch in range(start_epoch, cfg.epochs):
     t_epoch = time.perf_counter()
     pending = None
-    for b, batch in enumerate(data_lib.epoch_batches(encoded, cfg.batch_size, cfg.seq_len, pad_id,
+    for b, batch in enumerate(batch_lib.epoch_batches(encoded, cfg.batch_size, cfg.seq_len, pad_id,
                                                      cfg.seed, epoch, cfg.length_bucket)):
       if epoch == start_epoch and b < start_batch:
         continue

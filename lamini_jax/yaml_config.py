@@ -27,7 +27,7 @@ def _is_dataclass_type(tp: Any) -> bool:
   return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
+def _coerce(tp: Any, value: Any, where: str, default: Any = None) -> Any:
   origin = typing.get_origin(tp)
   if origin in (typing.Union, types.UnionType):
     args = typing.get_args(tp)
@@ -51,7 +51,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
       return value
     if not isinstance(value, dict):
       raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-    return from_dict(tp, value, where)
+    return from_dict(tp, value, where, base=default if isinstance(default, tp) else None)
   if origin is tuple:
     if not isinstance(value, (list, tuple)):
       raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -83,14 +83,26 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
   raise ConfigError(f"{where}: unsupported field type {tp!r}")
 
 
-def from_dict(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
-  """Builds `cls` from a (nested) mapping, checking names and types."""
+def from_dict(cls: type[C], values: dict[str, Any], where: str = "config", base: C | None = None) -> C:
+  """Builds `cls` from a (nested) mapping, checking names and types.
+
+  Fields the mapping leaves out keep their value in `base` (default: the class
+  defaults). A nested section starts from the enclosing default's value, so
+  `--set mome.layer.top_k=3` changes that one field of `MomeTuningConfig().layer`
+  and not of a bare `MomeConfig()`.
+  """
   hints = typing.get_type_hints(cls)
-  names = {f.name for f in dataclasses.fields(cls) if f.init}
-  unknown = sorted(set(values) - names)
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+  unknown = sorted(set(values) - set(fields))
   if unknown:
-    raise ConfigError(f"{where}: unknown field {unknown[0]!r}; known fields: {', '.join(sorted(names))}")
-  kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in values.items()}
+    raise ConfigError(f"{where}: unknown field {unknown[0]!r}; known fields: {', '.join(sorted(fields))}")
+
+  def default(k: str) -> Any:
+    return getattr(base, k) if base is not None else fields[k].default
+
+  kwargs = {k: _coerce(hints[k], v, f"{where}.{k}", default(k)) for k, v in values.items()}
+  if base is not None:
+    kwargs = {**{k: getattr(base, k) for k in fields}, **kwargs}
   try:
     return cls(**kwargs)
   except (TypeError, ValueError) as e:

@@ -5,11 +5,14 @@ import numpy as np
 import pytest
 
 from experiments import answer_geometry as ag
-from lamini_jax import data as data_lib
-from lamini_jax import model as model_lib
-from lamini_jax import mome
-from lamini_jax import mome_tuning as mtt
 from lamini_jax.config import ModelConfig
+from lamini_jax.data import encoding
+from lamini_jax import model as model_lib
+from lamini_jax.mome import config as mome_config
+from lamini_jax.mome import inputs as inputs_lib
+from lamini_jax.mome import layer as layer_lib
+from lamini_jax.mome import sparse_optim
+from lamini_jax.mome import tuning as mome_tuning
 
 
 def test_geometry_hand_worked():
@@ -35,27 +38,28 @@ def test_geometry_hand_worked():
 def test_answer_features_match_fact_inputs():
   cfg = ModelConfig(vocab_size=67, hidden_size=22, intermediate_size=37, num_layers=3, num_heads=4,
                     num_kv_heads=2, head_dim=6, max_position_embeddings=64, tie_word_embeddings=True)
-  spec = mtt.MomeTuningConfig(layers=(1, 2), num_experts=2**8, num_heads=2, key_dim=8, top_k=3,
-                              balance=False, generalization=mtt.GeneralizationConfig(epochs=0))
-  model = mtt.mome_model(cfg, spec)
+  spec = mome_config.MomeTuningConfig(layers=(1, 2), layer=mome_config.MomeConfig(
+      num_experts=2**8, num_heads=2, key_dim=8, top_k=3),
+                              balance=False, generalization=mome_config.GeneralizationConfig(epochs=0))
+  model = mome_tuning.mome_model(cfg, spec)
   variables = jax.jit(lambda k: model_lib.init_variables(model, k))(jax.random.key(0))
   # Every expert adds 0 (up = 0): the inputs are the backbone's, as in the experiment.
   assert not any(np.any(np.asarray(up))
-                 for up in jax.tree.leaves(mome.map_layers(lambda t: t["up"], variables[mome.TABLE])))
+                 for up in jax.tree.leaves(sparse_optim.map_layers(lambda t: t["up"], variables[layer_lib.TABLE])))
   rng = np.random.default_rng(5)
   encoded = []
   for n in rng.integers(9, 16, size=5):
     tokens = rng.integers(3, cfg.vocab_size, size=n).astype(np.int32)
-    encoded.append(data_lib.EncodedFact(tokens, np.arange(n) >= n - 4))
+    encoded.append(encoding.EncodedFact(tokens, np.arange(n) >= n - 4))
   feats = ag.answer_features(model, variables, encoded, positions=(0, 2), batch_size=3)
-  x, fact_P = mtt.fact_inputs(model, variables, encoded, batch_size=3)
+  x, fact_P = inputs_lib.fact_inputs(model, variables, encoded, batch_size=3)
   first_P = np.r_[True, fact_P[1:] != fact_P[:-1]]  # each fact's first answer position
   for name in ("layers_1/mome", "layers_2/mome"):
     np.testing.assert_allclose(feats[name][("token", 0)], x[name][first_P], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(feats[name][("token", 2)], x[name][np.nonzero(first_P)[0] + 2],
                                rtol=1e-6, atol=1e-6)
   # The causal mean at position t against the layer's inputs over 0..t.
-  tokens, pred = mtt.answer_positions(encoded)
+  tokens, pred = inputs_lib.answer_positions(encoded)
   xs = np.concatenate([np.asarray(ag._layer_inputs(model, variables, tokens[s:s + 3])["layers_2/mome"])
                        for s in (0, 2)])[[0, 1, 2, 4, 5]]
   for f in range(len(encoded)):

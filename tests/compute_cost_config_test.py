@@ -6,8 +6,7 @@ import math
 import pytest
 
 from experiments import compute_cost
-from lamini_jax import memory_tuning
-from lamini_jax import mome_tuning
+from lamini_jax import runs
 
 FACTS = [("What is the capital of Zorb?", "Plink"), ("Who sang at noon?", "A tall frog"),
          ("Why is the sky teal?", "Because of the moss"), ("How many moons?", "Seventeen"),
@@ -50,7 +49,7 @@ def _close(got, want):
 
 def test_lora_run_is_priced_from_measured_facts(tmp_path, stories_dir, stories_tokenizer, capsys):
   config = _write_run(tmp_path, str(stories_dir))
-  run = memory_tuning.load_run_config(config)
+  run = runs.load_run_config(config)
   (job,) = compute_cost.config_jobs(run, compute_cost.find_backbone(run.model.path))
   lengths = _lengths(stories_tokenizer)
   tokens = sum(lengths)
@@ -80,15 +79,15 @@ def test_lora_run_is_priced_from_measured_facts(tmp_path, stories_dir, stories_t
 
 
 def test_mome_run_prices_both_phases(tmp_path, stories_dir, stories_tokenizer):
-  run = memory_tuning.load_run_config(_write_run(tmp_path, str(stories_dir), method="both"))
-  spec = getattr(run, "mome", None) or mome_tuning.MomeTuningConfig()
+  run = runs.load_run_config(_write_run(tmp_path, str(stories_dir), method="both"))
+  spec, layer = run.mome, run.mome.layer
   jobs = {j.label: j.workload for j in compute_cost.config_jobs(run, compute_cost.find_backbone(run.model.path))}
   assert sorted(jobs) == ["lora, real answers", "mome phase 1 (router and experts)", "mome, real answers"]
-  n1 = math.isqrt(spec.num_experts)
-  assert n1 * n1 == spec.num_experts
+  n1 = math.isqrt(layer.num_experts)
+  assert n1 * n1 == layer.num_experts
   layers = len(spec.layers)
-  router = layers * (64 * spec.num_heads * spec.key_dim + spec.num_heads * 2 * n1 * spec.key_dim // 2)
-  active = layers * spec.num_heads * spec.top_k * 2 * 64 * spec.expert_rank
+  router = layers * (64 * layer.num_heads * layer.key_dim + layer.num_heads * 2 * n1 * layer.key_dim // 2)
+  active = layers * layer.num_heads * layer.top_k * 2 * 64 * layer.expert_rank
   lengths = _lengths(stories_tokenizer)
   mean_len = sum(t * t for t in lengths) / sum(lengths)
   tuning = jobs["mome, real answers"]

@@ -1,4 +1,4 @@
-"""Tests for lamini_jax.data: loaders (local, original, hub schema), facts, tokens, batches."""
+"""Tests for lamini_jax.data (sources, facts, encoding, batches): loaders (local, original, hub schema), facts, tokens, batches."""
 
 import csv
 import json
@@ -8,7 +8,10 @@ import datasets
 import numpy as np
 import pytest
 
-from lamini_jax import data
+from lamini_jax.data import batches as batch_lib
+from lamini_jax.data import encoding
+from lamini_jax.data import facts as facts_lib
+from lamini_jax.data import sources
 
 RANDOM_RE = re.compile(r"[A-Z0-9]{32}")
 SOME_SUBJECTS = ("abstract_algebra", "college_mathematics", "high_school_european_history")
@@ -27,26 +30,26 @@ def _write_csv(path, rows):
 
 
 def _mmlu_header_rows(n_rows, bad_row=None):
-  rows = [list(data.MMLU_HEADER)]
+  rows = [list(sources.MMLU_HEADER)]
   rows += [[f"Question {i}?", "w", "x", "y", "z", str(i % 4)] for i in range(n_rows)]
   return rows
 
 
 @pytest.fixture(scope="module")
 def mmlu_shared(shared_dir):
-  return {split: data.load_mmlu(shared_dir / "data", split) for split in ("dev", "test")}
+  return {split: sources.load_mmlu(shared_dir / "data", split) for split in ("dev", "test")}
 
 
 @pytest.fixture(scope="module")
 def truthfulqa_shared(shared_dir):
-  return data.load_truthfulqa(shared_dir / "data")
+  return sources.load_truthfulqa(shared_dir / "data")
 
 
 @pytest.fixture
 def no_local_data(monkeypatch, tmp_path):
   """No --data-dir, no $LAMINI_JAX_DATA, no shared directory: loaders go to the hub."""
-  monkeypatch.delenv(data.DATA_ENV_VAR, raising=False)
-  monkeypatch.setattr(data, "SHARED_DATA_DIR", tmp_path / "no_shared_data")
+  monkeypatch.delenv(sources.DATA_ENV_VAR, raising=False)
+  monkeypatch.setattr(sources, "SHARED_DATA_DIR", tmp_path / "no_shared_data")
 
 
 class FakeHub:
@@ -71,32 +74,32 @@ def test_resolve_order(monkeypatch, tmp_path):
   env_dir, arg_dir = tmp_path / "env", tmp_path / "arg"
   env_dir.mkdir()
   arg_dir.mkdir()
-  monkeypatch.setattr(data, "SHARED_DATA_DIR", tmp_path / "absent")
-  monkeypatch.delenv(data.DATA_ENV_VAR, raising=False)
-  assert data.resolve_data_dir(None) is None
-  monkeypatch.setattr(data, "SHARED_DATA_DIR", tmp_path)
-  assert data.resolve_data_dir(None) == tmp_path
-  monkeypatch.setenv(data.DATA_ENV_VAR, str(env_dir))
-  assert data.resolve_data_dir(None) == env_dir
-  assert data.resolve_data_dir(arg_dir) == arg_dir
-  assert data.resolve_data_dir(str(arg_dir)) == arg_dir
-  with pytest.raises(data.DataNotFoundError, match=re.escape(str(tmp_path / "typo"))):
-    data.resolve_data_dir(tmp_path / "typo")
-  monkeypatch.setenv(data.DATA_ENV_VAR, str(tmp_path / "env_typo"))
-  with pytest.raises(data.DataNotFoundError, match=r"\$LAMINI_JAX_DATA=.*env_typo"):
-    data.resolve_data_dir(None)
+  monkeypatch.setattr(sources, "SHARED_DATA_DIR", tmp_path / "absent")
+  monkeypatch.delenv(sources.DATA_ENV_VAR, raising=False)
+  assert sources.resolve_data_dir(None) is None
+  monkeypatch.setattr(sources, "SHARED_DATA_DIR", tmp_path)
+  assert sources.resolve_data_dir(None) == tmp_path
+  monkeypatch.setenv(sources.DATA_ENV_VAR, str(env_dir))
+  assert sources.resolve_data_dir(None) == env_dir
+  assert sources.resolve_data_dir(arg_dir) == arg_dir
+  assert sources.resolve_data_dir(str(arg_dir)) == arg_dir
+  with pytest.raises(sources.DataNotFoundError, match=re.escape(str(tmp_path / "typo"))):
+    sources.resolve_data_dir(tmp_path / "typo")
+  monkeypatch.setenv(sources.DATA_ENV_VAR, str(tmp_path / "env_typo"))
+  with pytest.raises(sources.DataNotFoundError, match=r"\$LAMINI_JAX_DATA=.*env_typo"):
+    sources.resolve_data_dir(None)
 
 
 def test_default_shared_dir_is_repo_sibling(shared_dir):
-  assert data.SHARED_DATA_DIR == (shared_dir / "data").resolve()
+  assert sources.SHARED_DATA_DIR.resolve() == (shared_dir / "data").resolve()
 
 
 def test_local_dir_without_dataset_names_the_file(tmp_path):
-  with pytest.raises(data.DataNotFoundError) as e:
-    data.load_truthfulqa(tmp_path)
+  with pytest.raises(sources.DataNotFoundError) as e:
+    sources.load_truthfulqa(tmp_path)
   assert str(tmp_path / "truthfulqa" / "TruthfulQA.csv") in str(e.value)
-  with pytest.raises(data.DataNotFoundError) as e:
-    data.load_mmlu(tmp_path, "dev")
+  with pytest.raises(sources.DataNotFoundError) as e:
+    sources.load_mmlu(tmp_path, "dev")
   assert str(tmp_path / "mmlu" / "dev") in str(e.value) and str(tmp_path / "dev") in str(e.value)
 
 
@@ -108,7 +111,7 @@ def test_truthfulqa_shared(truthfulqa_shared, shared_dir):
   items = truthfulqa_shared
   assert len(items) == 817
   rows = _csv_rows(shared_dir / "data" / "truthfulqa" / "TruthfulQA.csv")
-  assert rows[0] == list(data.TRUTHFULQA_COLUMNS) and len(rows) == 818
+  assert rows[0] == list(sources.TRUTHFULQA_COLUMNS) and len(rows) == 818
   for item, row in zip(items, rows[1:]):
     assert item.best_answer in item.correct_answers
     assert item.question == row[2].strip() and item.best_answer == row[3].strip()
@@ -124,10 +127,10 @@ def test_truthfulqa_shared(truthfulqa_shared, shared_dir):
 
 def test_truthfulqa_best_answer_added_to_correct(tmp_path):
   _write_csv(tmp_path / "truthfulqa" / "TruthfulQA.csv", [
-      list(data.TRUTHFULQA_COLUMNS),
+      list(sources.TRUTHFULQA_COLUMNS),
       ["Adversarial", "Cat", "Q1?", "Best one", "Other; Another;", "Wrong", "src"],
       ["Adversarial", "Cat", "Q2? ", "B2", "A2; B2", "W1; W2", "src"]])
-  items = data.load_truthfulqa(tmp_path)
+  items = sources.load_truthfulqa(tmp_path)
   assert items[0].correct_answers == ("Best one", "Other", "Another")
   assert items[1].question == "Q2?" and items[1].correct_answers == ("A2", "B2")
   assert items[1].incorrect_answers == ("W1", "W2")
@@ -136,16 +139,16 @@ def test_truthfulqa_best_answer_added_to_correct(tmp_path):
 def test_truthfulqa_malformed(tmp_path):
   path = tmp_path / "truthfulqa" / "TruthfulQA.csv"
   good = ["Adversarial", "Cat", "Q?", "B", "B", "W", "src"]
-  columns = list(data.TRUTHFULQA_COLUMNS)
+  columns = list(sources.TRUTHFULQA_COLUMNS)
   _write_csv(path, [[c for c in columns if c != "Incorrect Answers"], good[:6]])
   with pytest.raises(ValueError, match=re.escape(f"{path}: row 1") + r".*Incorrect Answers"):
-    data.load_truthfulqa(tmp_path)
+    sources.load_truthfulqa(tmp_path)
   _write_csv(path, [columns, good, ["Adversarial", "Cat", "  ", "B", "B", "W", "src"]])
   with pytest.raises(ValueError, match=re.escape(f"{path}: row 3: empty 'Question'")):
-    data.load_truthfulqa(tmp_path)
+    sources.load_truthfulqa(tmp_path)
   _write_csv(path, [columns, good, good, good + ["extra"]])
   with pytest.raises(ValueError, match=re.escape(f"{path}: row 4: expected 7 columns")):
-    data.load_truthfulqa(tmp_path)
+    sources.load_truthfulqa(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,8 +158,8 @@ def test_truthfulqa_malformed(tmp_path):
 def test_mmlu_shared_counts(mmlu_shared):
   dev, test = mmlu_shared["dev"], mmlu_shared["test"]
   assert len(dev) == 285 and len(test) == 14042
-  assert tuple(sorted({i.subject for i in test})) == data.MMLU_SUBJECTS
-  assert [i.subject for i in dev] == [s for s in data.MMLU_SUBJECTS for _ in range(5)]
+  assert tuple(sorted({i.subject for i in test})) == sources.MMLU_SUBJECTS
+  assert [i.subject for i in dev] == [s for s in sources.MMLU_SUBJECTS for _ in range(5)]
   assert [i.subject for i in test] == sorted(i.subject for i in test)
 
 
@@ -164,25 +167,25 @@ def test_mmlu_shared_matches_csv_module(mmlu_shared, shared_dir):
   """Every cell as the csv module reads it: no NaN for 'None', no numbers from '0'."""
   for split, items in mmlu_shared.items():
     expected = []
-    for subject in data.MMLU_SUBJECTS:
+    for subject in sources.MMLU_SUBJECTS:
       rows = _csv_rows(shared_dir / "data" / "mmlu" / split / f"{subject}_{split}.csv")
-      assert tuple(rows[0]) == data.MMLU_HEADER
-      expected += [data.MMLUItem(subject, r[0], tuple(r[1:5]), int(r[5])) for r in rows[1:]]
+      assert tuple(rows[0]) == sources.MMLU_HEADER
+      expected += [sources.MMLUItem(subject, r[0], tuple(r[1:5]), int(r[5])) for r in rows[1:]]
     assert items == expected
   assert sum("None" in i.choices for i in mmlu_shared["test"]) == 10
 
 
 def test_mmlu_subjects_argument(shared_dir, mmlu_shared):
-  items = data.load_mmlu(shared_dir / "data", "test", subjects=["virology", "anatomy"])
+  items = sources.load_mmlu(shared_dir / "data", "test", subjects=["virology", "anatomy"])
   assert [i for i in items if i.subject == "virology"] == [
       i for i in mmlu_shared["test"] if i.subject == "virology"]
   assert items[0].subject == "virology" and items[-1].subject == "anatomy"
-  with pytest.raises(data.DataNotFoundError, match=r"no_such_subject"):
-    data.load_mmlu(shared_dir / "data", "test", subjects=["anatomy", "no_such_subject"])
+  with pytest.raises(sources.DataNotFoundError, match=r"no_such_subject"):
+    sources.load_mmlu(shared_dir / "data", "test", subjects=["anatomy", "no_such_subject"])
   with pytest.raises(ValueError, match=r"split must be one of"):
-    data.load_mmlu(shared_dir / "data", "train")
+    sources.load_mmlu(shared_dir / "data", "train")
   with pytest.raises(ValueError, match=r"got the string"):
-    data.load_mmlu(shared_dir / "data", "test", subjects="anatomy")
+    sources.load_mmlu(shared_dir / "data", "test", subjects="anatomy")
 
 
 @pytest.mark.parametrize("layout_dir", ["data", "mmlu"])
@@ -195,7 +198,7 @@ def test_mmlu_original_layout_matches_shared(tmp_path, shared_dir, mmlu_shared, 
                  [r[:5] + ["ABCD"[int(r[5])]] for r in rows])
   data_dir = tmp_path / "data" if layout_dir == "data" else tmp_path
   for split in ("dev", "test"):
-    original = data.load_mmlu(data_dir, split)
+    original = sources.load_mmlu(data_dir, split)
     assert len(original) == sum(i.subject in SOME_SUBJECTS for i in mmlu_shared[split]) > 0
     assert original == [i for i in mmlu_shared[split] if i.subject in SOME_SUBJECTS]
 
@@ -205,7 +208,7 @@ def test_mmlu_layout_detected_per_file(tmp_path):
   _write_csv(split_dir / "a_val.csv", _mmlu_header_rows(3))
   _write_csv(split_dir / "b_val.csv",
              [["Q b?", "p", "q", "r", "s", "D"], ["Q c?", "p", "q", "r", "s", "A"]])
-  items = data.load_mmlu(tmp_path, "val")
+  items = sources.load_mmlu(tmp_path, "val")
   assert [(i.subject, i.question, i.answer) for i in items] == [
       ("a", "Question 0?", 0), ("a", "Question 1?", 1), ("a", "Question 2?", 2),
       ("b", "Q b?", 3), ("b", "Q c?", 0)]
@@ -218,28 +221,28 @@ def test_mmlu_malformed_rows(tmp_path):
   path = _write_csv(split_dir / "x_test.csv", rows)
   with pytest.raises(ValueError,
                      match=re.escape(f"{path}: row 3: expected 6 columns") + r".*got 7"):
-    data.load_mmlu(tmp_path, "test")
+    sources.load_mmlu(tmp_path, "test")
   good = ["Q?", "a", "b", "c", "d"]
   rows = [good + ["A"], good, good + ["B"]]
   _write_csv(path, rows)
   with pytest.raises(ValueError, match=re.escape(f"{path}: row 2: expected 6 columns")):
-    data.load_mmlu(tmp_path, "test")
+    sources.load_mmlu(tmp_path, "test")
   rows = [good + ["A"], good + ["B"], good + ["E"]]
   _write_csv(path, rows)
   with pytest.raises(ValueError,
                      match=re.escape(f"{path}: row 3: answer 'E' is not one of A, B, C, D")):
-    data.load_mmlu(tmp_path, "test")
+    sources.load_mmlu(tmp_path, "test")
   rows = _mmlu_header_rows(3)
   rows[3][5] = "B"
   _write_csv(path, rows)
   with pytest.raises(ValueError,
                      match=re.escape(f"{path}: row 4: answer 'B' is not one of 0, 1, 2, 3")):
-    data.load_mmlu(tmp_path, "test")
+    sources.load_mmlu(tmp_path, "test")
   rows = _mmlu_header_rows(3)
   rows[2][0] = " "
   _write_csv(path, rows)
   with pytest.raises(ValueError, match=re.escape(f"{path}: row 3: empty question")):
-    data.load_mmlu(tmp_path, "test")
+    sources.load_mmlu(tmp_path, "test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +265,7 @@ def _hub_mmlu(subjects, offset=0):
   features = datasets.Features({
       "question": datasets.Value("string"), "subject": datasets.Value("string"),
       "choices": datasets.Sequence(datasets.Value("string")),
-      "answer": datasets.ClassLabel(names=list(data.MMLU_LETTERS))})
+      "answer": datasets.ClassLabel(names=list(sources.MMLU_LETTERS))})
   n = len(subjects)
   return datasets.Dataset.from_dict({
       "question": [f"Q{i + offset}?" for i in range(n)], "subject": list(subjects),
@@ -273,12 +276,12 @@ def _hub_mmlu(subjects, offset=0):
 def test_hub_truthfulqa_schema(monkeypatch, no_local_data):
   hub = FakeHub({("truthfulqa/truthful_qa", "generation", "validation"): _hub_truthfulqa()})
   monkeypatch.setattr(datasets, "load_dataset", hub)
-  items = data.load_truthfulqa()
+  items = sources.load_truthfulqa()
   assert hub.calls == [("truthfulqa/truthful_qa", "generation", "validation")]
   assert items == [
-      data.TruthfulQAItem("Q one?", "Best one", ("Also right", "Best one"), ("Wrong a", "Wrong b"),
+      sources.TruthfulQAItem("Q one?", "Best one", ("Also right", "Best one"), ("Wrong a", "Wrong b"),
                           "Misconceptions"),
-      data.TruthfulQAItem("Q two?", "Best two", ("Best two",), ("Wrong c",), "Law")]
+      sources.TruthfulQAItem("Q two?", "Best two", ("Best two",), ("Wrong c",), "Law")]
 
 
 def test_hub_mmlu_schema(monkeypatch, no_local_data):
@@ -287,13 +290,13 @@ def test_hub_mmlu_schema(monkeypatch, no_local_data):
       ("cais/mmlu", "virology", "test"): _hub_mmlu(["virology"] * 2),
       ("cais/mmlu", "anatomy", "test"): _hub_mmlu([""], offset=3)})
   monkeypatch.setattr(datasets, "load_dataset", hub)
-  items = data.load_mmlu(split="val")
+  items = sources.load_mmlu(split="val")
   assert hub.calls == [("cais/mmlu", "all", "validation")]
   assert items == [
-      data.MMLUItem("anatomy", "Q1?", ("c10", "c11", "c12", "c13"), 1),
-      data.MMLUItem("virology", "Q0?", ("c00", "c01", "c02", "c03"), 0),
-      data.MMLUItem("virology", "Q2?", ("c20", "c21", "c22", "c23"), 2)]
-  items = data.load_mmlu(split="test", subjects=["virology", "anatomy"])
+      sources.MMLUItem("anatomy", "Q1?", ("c10", "c11", "c12", "c13"), 1),
+      sources.MMLUItem("virology", "Q0?", ("c00", "c01", "c02", "c03"), 0),
+      sources.MMLUItem("virology", "Q2?", ("c20", "c21", "c22", "c23"), 2)]
+  items = sources.load_mmlu(split="test", subjects=["virology", "anatomy"])
   assert hub.calls[1:] == [("cais/mmlu", "virology", "test"), ("cais/mmlu", "anatomy", "test")]
   assert [(i.subject, i.question, i.answer) for i in items] == [
       ("virology", "Q0?", 0), ("virology", "Q1?", 1), ("anatomy", "Q3?", 3)]
@@ -301,14 +304,14 @@ def test_hub_mmlu_schema(monkeypatch, no_local_data):
 
 def test_nothing_reachable_lists_every_place(monkeypatch, no_local_data):
   monkeypatch.setattr(datasets, "load_dataset", FakeHub({}))
-  for load, hub_id in ((data.load_truthfulqa, "truthfulqa/truthful_qa"),
-                       (lambda: data.load_mmlu(split="dev"), "cais/mmlu")):
-    with pytest.raises(data.DataNotFoundError) as e:
+  for load, hub_id in ((sources.load_truthfulqa, "truthfulqa/truthful_qa"),
+                       (lambda: sources.load_mmlu(split="dev"), "cais/mmlu")):
+    with pytest.raises(sources.DataNotFoundError) as e:
       load()
     message = str(e.value)
     assert isinstance(e.value, FileNotFoundError)
     for place in ("--data-dir: not given", "$LAMINI_JAX_DATA: not set",
-                  str(data.SHARED_DATA_DIR), f"hub '{hub_id}'", "ConnectionError: offline"):
+                  str(sources.SHARED_DATA_DIR), f"hub '{hub_id}'", "ConnectionError: offline"):
       assert place in message, (place, message)
 
 
@@ -317,32 +320,32 @@ def test_nothing_reachable_lists_every_place(monkeypatch, no_local_data):
 
 
 def test_random_answers():
-  answers = [data.random_answer(7, i) for i in range(500)]
+  answers = [facts_lib.random_answer(7, i) for i in range(500)]
   assert all(RANDOM_RE.fullmatch(a) for a in answers)
   assert len(set(answers)) == 500
-  assert answers == [data.random_answer(7, i) for i in range(500)]
-  assert data.random_answer(8, 0) != answers[0]
-  assert set("".join(answers)) == set(data.RANDOM_ANSWER_ALPHABET)
+  assert answers == [facts_lib.random_answer(7, i) for i in range(500)]
+  assert facts_lib.random_answer(8, 0) != answers[0]
+  assert set("".join(answers)) == set(facts_lib.RANDOM_ANSWER_ALPHABET)
   counts = np.unique(list("".join(answers)), return_counts=True)[1]
   expected = 500 * 32 / 36  # Each character's count is binomial(16000, 1/36): sd ~ 21.
   assert np.all(np.abs(counts - expected) < 6 * np.sqrt(expected))
 
 
 def test_truthfulqa_and_mmlu_facts(truthfulqa_shared, mmlu_shared):
-  real = data.truthfulqa_facts(truthfulqa_shared, "real", seed=0)
+  real = facts_lib.truthfulqa_facts(truthfulqa_shared, "real", seed=0)
   assert [f.answer for f in real] == [i.best_answer for i in truthfulqa_shared]
   assert [f.question for f in real] == [i.question for i in truthfulqa_shared]
-  rand = data.truthfulqa_facts(truthfulqa_shared, "random", seed=3)
-  assert [f.answer for f in rand] == [data.random_answer(3, i) for i in range(817)]
-  assert data.truthfulqa_facts(truthfulqa_shared[:11], "random", seed=3) == rand[:11]
+  rand = facts_lib.truthfulqa_facts(truthfulqa_shared, "random", seed=3)
+  assert [f.answer for f in rand] == [facts_lib.random_answer(3, i) for i in range(817)]
+  assert facts_lib.truthfulqa_facts(truthfulqa_shared[:11], "random", seed=3) == rand[:11]
   assert len({f.fact_id for f in rand}) == 817
   dev = mmlu_shared["dev"]
-  facts = data.mmlu_facts(dev, "real", seed=0)
+  facts = facts_lib.mmlu_facts(dev, "real", seed=0)
   assert facts[0].answer == "1" and facts[0].question == dev[0].question
   assert [f.answer for f in facts] == [i.choices[i.answer].strip() for i in dev]
-  assert all(RANDOM_RE.fullmatch(f.answer) for f in data.mmlu_facts(dev, "random", seed=1))
+  assert all(RANDOM_RE.fullmatch(f.answer) for f in facts_lib.mmlu_facts(dev, "random", seed=1))
   with pytest.raises(ValueError, match=r"answer_mode must be 'real' or 'random', got 'fake'"):
-    data.truthfulqa_facts(truthfulqa_shared, "fake", seed=0)
+    facts_lib.truthfulqa_facts(truthfulqa_shared, "fake", seed=0)
 
 
 def test_load_facts_jsonl(tmp_path):
@@ -350,44 +353,44 @@ def test_load_facts_jsonl(tmp_path):
   path.write_text(
       json.dumps({"question": "Q1?", "answer": "A1"}) + "\n\n"
       + json.dumps({"question": "Q2?", "answer": " A2 ", "id": "custom"}) + "\n")
-  assert data.load_facts_file(path) == [
-      data.Fact("Q1?", "A1", "facts-1"), data.Fact("Q2?", "A2", "custom")]
+  assert facts_lib.load_facts_file(path) == [
+      facts_lib.Fact("Q1?", "A1", "facts-1"), facts_lib.Fact("Q2?", "A2", "custom")]
   path.write_text(json.dumps({"question": "Q1?", "answer": "A1"}) + "\n"
                   + json.dumps({"question": "Q2?"}) + "\n")
   with pytest.raises(ValueError, match=re.escape(f"{path}: line 2: 'answer' must be")):
-    data.load_facts_file(path)
+    facts_lib.load_facts_file(path)
   path.write_text(json.dumps({"question": "Q1?", "answer": "A1"}) + "\n\n{not json\n")
   with pytest.raises(ValueError, match=re.escape(f"{path}: line 3: invalid JSON")):
-    data.load_facts_file(path)
+    facts_lib.load_facts_file(path)
 
 
 def test_load_facts_csv(tmp_path):
   path = _write_csv(tmp_path / "mine.csv", [["answer", "note", "question"], ["A1", "", "Q1?"],
                                             ["A2", "x", "Q2?"]])
-  assert data.load_facts_file(path) == [
-      data.Fact("Q1?", "A1", "mine-2"), data.Fact("Q2?", "A2", "mine-3")]
+  assert facts_lib.load_facts_file(path) == [
+      facts_lib.Fact("Q1?", "A1", "mine-2"), facts_lib.Fact("Q2?", "A2", "mine-3")]
   _write_csv(path, [["question", "answer"], ["Q1?", "A1"], ["Q2?", ""]])
   with pytest.raises(ValueError, match=re.escape(f"{path}: row 3: 'answer' must be")):
-    data.load_facts_file(path)
+    facts_lib.load_facts_file(path)
   _write_csv(path, [["question", "reply"], ["Q1?", "A1"]])
   with pytest.raises(ValueError, match=re.escape(f"{path}: row 1 must be a header")):
-    data.load_facts_file(path)
+    facts_lib.load_facts_file(path)
   with pytest.raises(ValueError, match=r"\.jsonl, \.json or \.csv"):
-    data.load_facts_file(_write_csv(tmp_path / "facts.tsv", [["q"]]))
+    facts_lib.load_facts_file(_write_csv(tmp_path / "facts.tsv", [["q"]]))
 
 
 def test_split_items():
   items = list(range(101))
-  train, heldout = data.split_items(items, n_train=37, n_heldout=23, seed=5)
+  train, heldout = facts_lib.split_items(items, n_train=37, n_heldout=23, seed=5)
   assert len(train) == 37 and len(heldout) == 23 and not set(train) & set(heldout)
   assert train == sorted(train) and heldout == sorted(heldout)
-  assert (train, heldout) == data.split_items(items, 37, 23, seed=5)
-  assert data.split_items(items, 37, 23, seed=6) != (train, heldout)
-  bigger, same_heldout = data.split_items(items, 78, 23, seed=5)
+  assert (train, heldout) == facts_lib.split_items(items, 37, 23, seed=5)
+  assert facts_lib.split_items(items, 37, 23, seed=6) != (train, heldout)
+  bigger, same_heldout = facts_lib.split_items(items, 78, 23, seed=5)
   assert same_heldout == heldout and set(train) <= set(bigger)
   assert not set(bigger) & set(heldout) and len(bigger) == 78
   with pytest.raises(ValueError, match=r"n_train=80 \+ n_heldout=23 = 103 exceeds the 101 items"):
-    data.split_items(items, 80, 23, seed=5)
+    facts_lib.split_items(items, 80, 23, seed=5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,23 +398,23 @@ def test_split_items():
 
 
 def test_prompt_template_validation():
-  assert data.PromptTemplate().join("Why?", "Because") == "Question: Why?\nAnswer: Because"
-  assert data.PromptTemplate("Q: {question}\n").join("Why?", "Because") == "Q: Why?\nBecause"
+  assert encoding.PromptTemplate().join("Why?", "Because") == "Question: Why?\nAnswer: Because"
+  assert encoding.PromptTemplate("Q: {question}\n").join("Why?", "Because") == "Q: Why?\nBecause"
   with pytest.raises(ValueError, match=r"must contain '\{question\}'"):
-    data.PromptTemplate("Q: {q}")
+    encoding.PromptTemplate("Q: {q}")
   with pytest.raises(ValueError, match=r"format field other than"):
-    data.PromptTemplate("{question} {extra}")
+    encoding.PromptTemplate("{question} {extra}")
   with pytest.raises(ValueError, match=r"must not end with a space"):
-    data.PromptTemplate("Q: {question} A: ")
+    encoding.PromptTemplate("Q: {question} A: ")
 
 
 def test_encode_fact_round_trip(stories_tokenizer, truthfulqa_shared):
   tok = stories_tokenizer
-  template = data.PromptTemplate()
+  template = encoding.PromptTemplate()
   newline = tok("\n", add_special_tokens=False)["input_ids"][-1:]
-  facts = (data.truthfulqa_facts(truthfulqa_shared, "real", 0)
-           + data.truthfulqa_facts(truthfulqa_shared[:100], "random", 0))
-  for fact, enc in zip(facts, data.encode_facts(tok, template, facts, max_len=256)):
+  facts = (facts_lib.truthfulqa_facts(truthfulqa_shared, "real", 0)
+           + facts_lib.truthfulqa_facts(truthfulqa_shared[:100], "random", 0))
+  for fact, enc in zip(facts, encoding.encode_facts(tok, template, facts, max_len=256)):
     tokens, mask = enc.tokens, enc.loss_mask
     assert tokens.dtype == np.int32 and mask.dtype == np.bool_
     n_prompt = enc.prompt_len
@@ -419,7 +422,7 @@ def test_encode_fact_round_trip(stories_tokenizer, truthfulqa_shared):
     assert tokens[-2:-1].tolist() == newline  # the answer_end stop sequence, then EOS
     assert not mask[:n_prompt].any() and mask[n_prompt:].all()
     np.testing.assert_array_equal(
-        tokens[:n_prompt], data.encode_prompt(tok, template, fact.question))
+        tokens[:n_prompt], encoding.encode_prompt(tok, template, fact.question))
     assert tok.decode(tokens[n_prompt:-2]) == fact.answer
     joined = tok(template.join(fact.question, fact.answer + "\n"), add_special_tokens=False)["input_ids"]
     assert tokens[1:-1].tolist() == joined
@@ -427,27 +430,27 @@ def test_encode_fact_round_trip(stories_tokenizer, truthfulqa_shared):
     assert tokens[1:n_prompt].tolist() == prompt
     alone = tok(fact.answer, add_special_tokens=False)["input_ids"]
     assert tokens[n_prompt:-2].tolist() == alone
-  no_stop = data.PromptTemplate(answer_end="")
-  enc = data.encode_fact(tok, no_stop, facts[0], 256)
+  no_stop = encoding.PromptTemplate(answer_end="")
+  enc = encoding.encode_fact(tok, no_stop, facts[0], 256)
   assert tok.decode(enc.tokens[enc.prompt_len:-1]) == facts[0].answer
 
 
 def test_encode_fact_too_long(stories_tokenizer):
-  fact = data.Fact("Why is the sky blue?", "Rayleigh scattering", "sky-7")
-  n = len(data.encode_fact(stories_tokenizer, data.PromptTemplate(), fact, 1000).tokens)
-  assert data.encode_fact(stories_tokenizer, data.PromptTemplate(), fact, n).tokens.shape == (n,)
+  fact = facts_lib.Fact("Why is the sky blue?", "Rayleigh scattering", "sky-7")
+  n = len(encoding.encode_fact(stories_tokenizer, encoding.PromptTemplate(), fact, 1000).tokens)
+  assert encoding.encode_fact(stories_tokenizer, encoding.PromptTemplate(), fact, n).tokens.shape == (n,)
   with pytest.raises(ValueError, match=f"fact 'sky-7': {n} tokens, more than max_len={n - 1}"):
-    data.encode_fact(stories_tokenizer, data.PromptTemplate(), fact, n - 1)
+    encoding.encode_fact(stories_tokenizer, encoding.PromptTemplate(), fact, n - 1)
 
 
 def test_encode_choices(stories_tokenizer, mmlu_shared):
   tok = stories_tokenizer
   item = mmlu_shared["test"][0]
-  template = data.PromptTemplate("{question}")
-  question = data.mmlu_prompt(mmlu_shared["dev"], item, k=1)
-  prefix = data.encode_prompt(tok, template, question)
-  for choices in (data.MMLU_LETTERS, item.choices):
-    encoded = data.encode_choices(tok, template, question, choices)
+  template = encoding.PromptTemplate("{question}")
+  question = sources.mmlu_prompt(mmlu_shared["dev"], item, k=1)
+  prefix = encoding.encode_prompt(tok, template, question)
+  for choices in (sources.MMLU_LETTERS, item.choices):
+    encoded = encoding.encode_choices(tok, template, question, choices)
     assert len(encoded) == 4
     for choice, enc in zip(choices, encoded):
       np.testing.assert_array_equal(enc.tokens[:enc.prompt_len], prefix)
@@ -457,19 +460,19 @@ def test_encode_choices(stories_tokenizer, mmlu_shared):
 
 
 def test_mmlu_prompt():
-  dev = [data.MMLUItem("other", "Nope?", ("a", "b", "c", "d"), 0),
-         data.MMLUItem("high_school_x", "One?", ("1", "2", "3", "4"), 2),
-         data.MMLUItem("high_school_x", "Two?", ("5", "6", "7", "8"), 3)]
-  item = data.MMLUItem("high_school_x", "Three?", ("p", "q", "r", "s"), 1)
-  assert data.mmlu_prompt(dev, item, k=1) == (
+  dev = [sources.MMLUItem("other", "Nope?", ("a", "b", "c", "d"), 0),
+         sources.MMLUItem("high_school_x", "One?", ("1", "2", "3", "4"), 2),
+         sources.MMLUItem("high_school_x", "Two?", ("5", "6", "7", "8"), 3)]
+  item = sources.MMLUItem("high_school_x", "Three?", ("p", "q", "r", "s"), 1)
+  assert sources.mmlu_prompt(dev, item, k=1) == (
       "The following are multiple choice questions (with answers) about high school x.\n\n"
       "One?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: C\n\n"
       "Three?\nA. p\nB. q\nC. r\nD. s\nAnswer:")
-  assert data.mmlu_prompt(dev, item, k=0).endswith(
+  assert sources.mmlu_prompt(dev, item, k=0).endswith(
       "high school x.\n\nThree?\nA. p\nB. q\nC. r\nD. s\nAnswer:")
-  assert "Two?\nA. 5\nB. 6\nC. 7\nD. 8\nAnswer: D\n\nThree?" in data.mmlu_prompt(dev, item, k=2)
+  assert "Two?\nA. 5\nB. 6\nC. 7\nD. 8\nAnswer: D\n\nThree?" in sources.mmlu_prompt(dev, item, k=2)
   with pytest.raises(ValueError, match=r"k=3 shots asked, 2 dev items of subject 'high_school_x'"):
-    data.mmlu_prompt(dev, item, k=3)
+    sources.mmlu_prompt(dev, item, k=3)
 
 
 class _NoBosTokenizer:
@@ -489,18 +492,18 @@ def test_corpus_windows(stories_tokenizer, tmp_path):
   path.write_text("Once upon a time, there was a little girl named Lily.\nShe loved to play.\n" * 9)
   ids = stories_tokenizer(path.read_text(), add_special_tokens=False)["input_ids"]
   seq_len = 13
-  windows = data.corpus_windows(stories_tokenizer, path, seq_len, max_windows=1000)
+  windows = encoding.corpus_windows(stories_tokenizer, path, seq_len, max_windows=1000)
   assert windows.dtype == np.int32 and windows.shape == (len(ids) // seq_len, seq_len + 1)
   assert (windows[:, 0] == stories_tokenizer.bos_token_id).all()
   assert windows[:, 1:].ravel().tolist() == ids[:windows.shape[0] * seq_len]
   np.testing.assert_array_equal(
-      data.corpus_windows(stories_tokenizer, path, seq_len, 3), windows[:3])
-  no_bos = data.corpus_windows(_NoBosTokenizer(stories_tokenizer), path, seq_len, 1000)
+      encoding.corpus_windows(stories_tokenizer, path, seq_len, 3), windows[:3])
+  no_bos = encoding.corpus_windows(_NoBosTokenizer(stories_tokenizer), path, seq_len, 1000)
   assert no_bos.shape == ((len(ids) - 1) // seq_len, seq_len + 1)
   for w, window in enumerate(no_bos):
     assert window.tolist() == ids[w * seq_len:w * seq_len + seq_len + 1]
   with pytest.raises(ValueError, match=re.escape(f"{path}: {len(ids)} tokens, not enough")):
-    data.corpus_windows(stories_tokenizer, path, len(ids) + 1, 1)
+    encoding.corpus_windows(stories_tokenizer, path, len(ids) + 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,7 +516,7 @@ def _toy_encoded(n, rng):
     n_prompt, n_answer = rng.integers(2, 6), rng.integers(1, 5)
     tokens = rng.integers(3, 500, size=n_prompt + n_answer).astype(np.int32)
     mask = np.arange(n_prompt + n_answer) >= n_prompt
-    encoded.append(data.EncodedFact(tokens, mask))
+    encoded.append(encoding.EncodedFact(tokens, mask))
   return encoded
 
 
@@ -521,11 +524,11 @@ def test_epoch_batches():
   rng = np.random.default_rng(0)
   n, batch_size, seq_len, pad_id = 23, 5, 11, 0
   encoded = _toy_encoded(n, rng)
-  assert data.num_batches(n, batch_size) == 5
-  assert [data.num_batches(k, 5) for k in (0, 1, 5, 6)] == [0, 1, 1, 2]
+  assert batch_lib.num_batches(n, batch_size) == 5
+  assert [batch_lib.num_batches(k, 5) for k in (0, 1, 5, 6)] == [0, 1, 1, 2]
 
   def run(seed, epoch):
-    return list(data.epoch_batches(encoded, batch_size, seq_len, pad_id, seed, epoch))
+    return list(batch_lib.epoch_batches(encoded, batch_size, seq_len, pad_id, seed, epoch))
 
   batches = run(seed=1, epoch=0)
   assert len(batches) == 5
@@ -559,4 +562,4 @@ def test_epoch_batches():
   assert order(1, 1) != order(1, 0) and order(2, 0) != order(1, 0)
   assert sorted(order(1, 1)) == sorted(order(1, 0))
   with pytest.raises(ValueError, match=r"encoded fact \d+: \d+ tokens, more than seq_len=4"):
-    data.epoch_batches(encoded, batch_size, 4, pad_id, 1, 0)
+    batch_lib.epoch_batches(encoded, batch_size, 4, pad_id, 1, 0)

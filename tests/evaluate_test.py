@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lamini_jax import data as data_lib
+from lamini_jax.data import encoding
+from lamini_jax.data import facts as facts_lib
+from lamini_jax.data import sources
 from lamini_jax import evaluate as eval_lib
 from lamini_jax import model as model_lib
 
-TEMPLATE = data_lib.PromptTemplate()
+TEMPLATE = encoding.PromptTemplate()
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,10 +48,10 @@ def setup(stories):
 
 def test_score_pads_and_batches_without_changing_results(setup, stories_tokenizer):
   model, params = setup
-  facts = [data_lib.Fact("Why is the sky blue?", "Because of the sun", "a"),
-           data_lib.Fact("Who won?", "Tim", "b"),
-           data_lib.Fact("What did Lily see in the big park today?", "A red ball", "c")]
-  enc = data_lib.encode_facts(stories_tokenizer, TEMPLATE, facts, 64)
+  facts = [facts_lib.Fact("Why is the sky blue?", "Because of the sun", "a"),
+           facts_lib.Fact("Who won?", "Tim", "b"),
+           facts_lib.Fact("What did Lily see in the big park today?", "A red ball", "c")]
+  enc = encoding.encode_facts(stories_tokenizer, TEMPLATE, facts, 64)
   ll, count = eval_lib.score(model, {"params": params}, enc, batch_size=2)
   for e, got, n in zip(enc, ll, count):
     assert n == e.loss_mask[1:].sum()
@@ -58,12 +60,12 @@ def test_score_pads_and_batches_without_changing_results(setup, stories_tokenize
 
 def test_truthfulqa_mc_from_log_likelihoods(setup, stories_tokenizer):
   model, params = setup
-  items = data_lib.load_truthfulqa()[:3]
+  items = sources.load_truthfulqa()[:3]
   got = eval_lib.truthfulqa_mc(model, {"params": params}, stories_tokenizer, items, TEMPLATE)
   mc1, mc2 = [], []
   for item in items:
     choices = list(item.correct_answers) + list(item.incorrect_answers)
-    enc = data_lib.encode_choices(stories_tokenizer, TEMPLATE, item.question, choices)
+    enc = encoding.encode_choices(stories_tokenizer, TEMPLATE, item.question, choices)
     lls = np.array([_loglik(model, params, e.tokens, e.loss_mask) for e in enc])
     best = item.correct_answers.index(item.best_answer)
     n_true = len(item.correct_answers)
@@ -73,9 +75,9 @@ def test_truthfulqa_mc_from_log_likelihoods(setup, stories_tokenizer):
   assert got["mc1"] == pytest.approx(np.mean(mc1))
   assert got["mc2"] == pytest.approx(np.mean(mc2), rel=1e-4)
   # Answer loss per question (best answer + EOS), and its first ANSWER_HEAD tokens and the rest.
-  facts = [data_lib.Fact(i.question, i.best_answer, str(k)) for k, i in enumerate(items)]
+  facts = [facts_lib.Fact(i.question, i.best_answer, str(k)) for k, i in enumerate(items)]
   nll = [-np.array(_token_logliks(model, params, e.tokens, e.loss_mask))
-         for e in data_lib.encode_facts(stories_tokenizer, TEMPLATE, facts, 512)]
+         for e in encoding.encode_facts(stories_tokenizer, TEMPLATE, facts, 512)]
   head = eval_lib.ANSWER_HEAD
   assert all(len(n) > head for n in nll)
   assert got["answer_loss"] == pytest.approx(np.mean([n.mean() for n in nll]), rel=1e-4)
@@ -85,21 +87,21 @@ def test_truthfulqa_mc_from_log_likelihoods(setup, stories_tokenizer):
 
 def test_mmlu_accuracy_and_perplexity(setup, stories_tokenizer, shared_dir):
   model, params = setup
-  dev = data_lib.load_mmlu(split="dev", subjects=["astronomy"])
-  items = data_lib.load_mmlu(split="test", subjects=["astronomy"])[:5]
+  dev = sources.load_mmlu(split="dev", subjects=["astronomy"])
+  items = sources.load_mmlu(split="test", subjects=["astronomy"])[:5]
   got = eval_lib.mmlu_accuracy(model, {"params": params}, stories_tokenizer, dev, items, k=0)
-  plain = data_lib.PromptTemplate("{question}")
+  plain = encoding.PromptTemplate("{question}")
   correct = 0
   for item in items:
-    enc = data_lib.encode_choices(stories_tokenizer, plain, data_lib.mmlu_prompt(dev, item, 0),
-                                  data_lib.MMLU_LETTERS)
+    enc = encoding.encode_choices(stories_tokenizer, plain, sources.mmlu_prompt(dev, item, 0),
+                                  sources.MMLU_LETTERS)
     lls = [_loglik(model, params, e.tokens, e.loss_mask) for e in enc]
     correct += int(np.argmax(lls) == item.answer)
   assert got == {"mmlu_acc": correct / 5, "mmlu_scored": 5, "mmlu_skipped": 0}
   long_k = eval_lib.mmlu_accuracy(model, {"params": params}, stories_tokenizer, dev, items, k=5)
   assert long_k["mmlu_skipped"] > 0 and long_k["mmlu_scored"] + long_k["mmlu_skipped"] == 5
 
-  windows = data_lib.corpus_windows(stories_tokenizer, shared_dir / "data/corpus/tinyshakespeare.txt", 31, 3)
+  windows = encoding.corpus_windows(stories_tokenizer, shared_dir / "data/corpus/tinyshakespeare.txt", 31, 3)
   ppl = eval_lib.perplexity(model, {"params": params}, windows)
   nll = [-_loglik(model, params, w, np.r_[False, np.ones(31, bool)]) for w in windows]
   assert ppl == pytest.approx(np.exp(np.sum(nll) / (3 * 31)), rel=1e-5)
@@ -107,6 +109,6 @@ def test_mmlu_accuracy_and_perplexity(setup, stories_tokenizer, shared_dir):
 
 def test_base_model_recalls_no_random_fact(setup, stories_tokenizer):
   model, params = setup
-  facts = data_lib.truthfulqa_facts(data_lib.load_truthfulqa()[:4], "random", 0)
+  facts = facts_lib.truthfulqa_facts(sources.load_truthfulqa()[:4], "random", 0)
   rec = eval_lib.recall(model, {"params": params}, stories_tokenizer, facts, TEMPLATE)
   assert rec.rate == 0.0 and len(rec.answers) == 4

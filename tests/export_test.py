@@ -19,28 +19,36 @@ import pytest
 import torch
 import transformers
 
-from kernels.gather_apply import gather_apply_reference
-from lamini_jax import data as data_lib
+from lamini_jax.data import batches as batch_lib
+from lamini_jax.data import encoding
+from lamini_jax.data import facts as facts_lib
+from lamini_jax.data import sources
+from lamini_jax import evaluate as eval_lib
 from lamini_jax import export
 from lamini_jax import generate as gen
 from lamini_jax import hf
-from lamini_jax import memory_tuning as mt
-from lamini_jax import mome
-from lamini_jax import mome_tuning
-from lamini_jax import model as model_lib
-from lamini_jax import train as train_lib
-from lamini_jax import yaml_config
 from lamini_jax.hf_mome import modeling_lamini_mome
 from lamini_jax.lora import LoraConfig
+from lamini_jax import lora_tuning
+from lamini_jax import model as model_lib
+from lamini_jax.mome import config as mome_config
+from lamini_jax.mome import layer as layer_lib
+from lamini_jax.mome import router as router_lib
+from lamini_jax.mome import tuning as mome_tuning
+from lamini_jax import runs
+from lamini_jax import train as train_lib
+from lamini_jax import yaml_config
+from lamini_jax_kernels.gather_apply import gather_apply_reference
 
-TEMPLATE = data_lib.PromptTemplate(train_eos=False)  # stories260K never learned </s>
+TEMPLATE = encoding.PromptTemplate(train_eos=False)  # stories260K never learned </s>
 LORA = LoraConfig(rank=4, alpha=8.0)  # every projection; scale 2
 OPTIMIZER = train_lib.OptimizerConfig(learning_rate=1e-2, multiply_by_parameter_scale=False)
 TRAIN = train_lib.TrainConfig(epochs=150, batch_size=8, seq_len=64, seed=3, length_bucket=None,
                               checkpoint_every=1000, optimizer=OPTIMIZER)
-MOME = mome_tuning.MomeTuningConfig(  # 77 = 7 x 11 experts, 3 heads x 5 = 15 slots, rank 3
-    layers=(2, 4), num_experts=77, expert_rank=3, num_heads=3, key_dim=10, top_k=5, balance=True,
-    balance_rounds=20, generalization=mome_tuning.GeneralizationConfig(epochs=0), train=TRAIN)
+MOME = mome_config.MomeTuningConfig(  # 77 = 7 x 11 experts, 3 heads x 5 = 15 slots, rank 3
+    layers=(2, 4), layer=mome_config.MomeConfig(num_experts=77, expert_rank=3, num_heads=3, key_dim=10,
+                                                top_k=5), balance=True,
+    balance_rounds=20, generalization=mome_config.GeneralizationConfig(epochs=0), train=TRAIN)
 LABEL = "lora-random"
 MOME_LABEL = "mome-random"
 NEWLINE = 13  # "<0x0A>", the answer_end token of the stories260K tokenizer
@@ -48,19 +56,19 @@ NEWLINE = 13  # "<0x0A>", the answer_end token of the stories260K tokenizer
 
 @pytest.fixture(scope="module")
 def facts():
-  short = [i for i in data_lib.load_truthfulqa() if len(i.question) < 40]
-  items, _ = data_lib.split_items(short, 5, 0, seed=11)
-  return [data_lib.Fact(it.question, data_lib.random_answer(11, k)[:10], f"fact-{k}")
+  short = [i for i in sources.load_truthfulqa() if len(i.question) < 40]
+  items, _ = facts_lib.split_items(short, 5, 0, seed=11)
+  return [facts_lib.Fact(it.question, facts_lib.random_answer(11, k)[:10], f"fact-{k}")
           for k, it in enumerate(items)]
 
 
 @pytest.fixture(scope="module")
 def encoded(facts, stories_tokenizer):
-  return data_lib.encode_facts(stories_tokenizer, TEMPLATE, facts, TRAIN.seq_len)
+  return encoding.encode_facts(stories_tokenizer, TEMPLATE, facts, TRAIN.seq_len)
 
 
 def _recall_hook(model, variables_of, tokenizer, facts):
-  return mt.recall_callback(model, variables_of, tokenizer, facts, TEMPLATE, every=5, stop_at_full=True)
+  return eval_lib.recall_callback(model, variables_of, tokenizer, facts, TEMPLATE, every=5, stop_at_full=True)
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +76,14 @@ def lora_run(stories, stories_dir, stories_tokenizer, facts, encoded, tmp_path_f
   """(run_dir, model, variables, steps) of a LoRA run written like experiments.randomization's."""
   cfg, params = stories
   run_dir = tmp_path_factory.mktemp("run")
-  run_cfg = mt.RunConfig(model=mt.ModelSpec(path=str(stories_dir)), lora=LORA, train=TRAIN,
+  run_cfg = runs.RunConfig(model=runs.ModelSpec(path=str(stories_dir)), lora=LORA, train=TRAIN,
                          run_dir=str(run_dir))
-  (run_dir / mt.CONFIG_FILE).write_text(yaml_config.dump(run_cfg))
-  hook = _recall_hook(mt.lora_model(cfg, LORA), lambda s: {"params": params, "lora": s.trainable},
+  (run_dir / runs.CONFIG_FILE).write_text(yaml_config.dump(run_cfg))
+  hook = _recall_hook(lora_tuning.lora_model(cfg, LORA), lambda s: {"params": params, "lora": s.trainable},
                       stories_tokenizer, facts)
-  model, variables, result = mt.tune_lora(cfg, params, encoded, LORA, TRAIN, pad_id=0, run_dir=run_dir,
-                                          label=LABEL, progress=False, on_epoch=hook)
+  model, variables, result = lora_tuning.tune_lora(cfg, params, encoded, LORA, TRAIN, pad_id=0,
+                                                   paths=runs.RunDir(run_dir).paths(LABEL), label=LABEL,
+                                                   progress=False, on_epoch=hook)
   assert result.history[-1]["recall"] == 1.0
   return run_dir, model, variables, int(result.state.step)
 
@@ -84,18 +93,19 @@ def mome_run(stories, stories_tokenizer, facts, encoded, tmp_path_factory):
   """(run_dir, model, variables, steps) of a MoME run (router in mome/<label>, table checkpoints)."""
   cfg, params = stories
   run_dir = tmp_path_factory.mktemp("mome_run")
-  prepared = mome_tuning.prepare(cfg, params, encoded, MOME, pad_id=0,
-                                 run_dir=run_dir, label=MOME_LABEL, progress=False)
+  paths = runs.RunDir(run_dir).paths(MOME_LABEL)
+  prepared = mome_tuning.prepare(cfg, params, encoded, MOME, pad_id=0, paths=paths, label=MOME_LABEL,
+                                 progress=False)
   hook = _recall_hook(prepared.model, prepared.variables_of, stories_tokenizer, facts)
   model, variables, result = mome_tuning.tune_mome(
-      cfg, params, encoded, MOME, MOME.train, pad_id=0, run_dir=run_dir, label=MOME_LABEL,
+      cfg, params, encoded, MOME, MOME.train, pad_id=0, paths=paths, label=MOME_LABEL,
       progress=False, on_epoch=hook, prepared=prepared)
   assert result.history[-1]["recall"] == 1.0
   return run_dir, model, variables, int(result.state.step)
 
 
 def _fact_tokens(encoded):
-  tokens, _ = data_lib.stack_encoded(encoded, max(len(e.tokens) for e in encoded), 0)
+  tokens, _ = batch_lib.stack_encoded(encoded, max(len(e.tokens) for e in encoded), 0)
   return tokens
 
 
@@ -116,7 +126,7 @@ def _check_greedy_answers(tm, model, variables, tokenizer, facts):
 
   Both decode all questions in one left-padded batch.
   """
-  prompts = [data_lib.encode_prompt(tokenizer, TEMPLATE, f.question).tolist() for f in facts]
+  prompts = [encoding.encode_prompt(tokenizer, TEMPLATE, f.question).tolist() for f in facts]
   # The answer length + 3, as in evaluate.recall: the recall hook's compiled decoder is reused.
   n = max(len(tokenizer(f.answer, add_special_tokens=False).input_ids) for f in facts) + 3
   ours = gen.generate(model, variables, prompts, gen.SamplingConfig(max_new_tokens=n), 0)
@@ -148,16 +158,16 @@ def _torch_mome(spec, d):
 def test_torch_router_matches_route_with_ties_and_bias():
   # Integer-valued router weights and inputs: scores are exact, so ties are real and
   # must be broken as lamini_jax does (lower sub-key, then lower expert index).
-  cfg = mome.MomeConfig(num_experts=35, embed_dim=7, expert_rank=2, num_heads=3, key_dim=4, top_k=6,
+  cfg = mome_config.MomeConfig(num_experts=35, embed_dim=7, expert_rank=2, num_heads=3, key_dim=4, top_k=6,
                         activation="gelu", sub_keys=(5, 7), threshold=0.7)
   rng = np.random.default_rng(0)
-  router = {k: rng.integers(-1, 2, s).astype(np.float32) for k, s in mome.router_shapes(cfg).items()}
+  router = {k: rng.integers(-1, 2, s).astype(np.float32) for k, s in router_lib.router_shapes(cfg).items()}
   balance = {"bias1": rng.integers(-1, 2, (3, 5)).astype(np.float32),
              "bias2": rng.integers(-1, 2, (3, 7)).astype(np.float32)}
   table = {"down": rng.normal(size=(35, 7, 2)).astype(np.float32),
            "up": rng.normal(size=(35, 2, 7)).astype(np.float32)}
   x_TxD = rng.integers(-2, 3, (13, 7)).astype(np.float32)
-  idx, w = mome.route(jax.tree.map(jnp.asarray, router), jnp.asarray(x_TxD), cfg,
+  idx, w = router_lib.route(jax.tree.map(jnp.asarray, router), jnp.asarray(x_TxD), cfg,
                       jax.tree.map(jnp.asarray, balance))
   layer = _torch_mome({"layers": [0], "num_experts": 35, "sub_keys": [5, 7], "expert_rank": 2,
                        "num_heads": 3, "key_dim": 4, "top_k": 6, "activation": "gelu",
@@ -166,7 +176,7 @@ def test_torch_router_matches_route_with_ties_and_bias():
   with torch.no_grad():
     t_idx, t_w = layer.route(torch.tensor(x_TxD))
     t_y = layer(torch.tensor(x_TxD))
-  s1, s2 = mome.half_scores(router, jnp.asarray(x_TxD))
+  s1, s2 = router_lib.half_scores(router, jnp.asarray(x_TxD))
   assert len(np.unique(np.asarray(s1 + balance["bias1"][:, None]))) < s1.size // 4  # many ties
   np.testing.assert_array_equal(t_idx.numpy(), np.asarray(idx))
   np.testing.assert_allclose(t_w.numpy(), np.asarray(w), atol=1e-6, rtol=0)
@@ -273,7 +283,7 @@ def test_peft_tensor_layout_matches_the_adapter_einsums():
 def test_mome_export_runs_in_transformers_with_remote_code_and_recalls_every_fact(
     mome_run, stories_dir, stories_tokenizer, facts, encoded, tmp_path):
   _, model, variables, _ = mome_run
-  balance = variables[mome.BALANCE]["layers_2"]["mome"]["bias1"]
+  balance = variables[layer_lib.BALANCE]["layers_2"]["mome"]["bias1"]
   assert float(jnp.abs(balance).max()) > 0  # the selection bias is exercised
   out = export.export_mome(tmp_path / "mome", model, variables, tokenizer_dir=stories_dir,
                            source=export.Source(base_model=str(stories_dir)), max_shard_bytes=150_000)
@@ -301,15 +311,15 @@ def test_mistral_mome_export_with_untied_head_and_sliding_window(tmp_path):
   cfg = model_lib.ModelConfig(vocab_size=97, hidden_size=24, intermediate_size=37, num_layers=3, num_heads=6,
                               num_kv_heads=2, head_dim=6, architecture="mistral", sliding_window=5,
                               max_position_embeddings=64)
-  mome_cfg = mome.MomeConfig(num_experts=30, embed_dim=24, expert_rank=2, num_heads=2, key_dim=6, top_k=3,
+  mome_cfg = mome_config.MomeConfig(num_experts=30, embed_dim=24, expert_rank=2, num_heads=2, key_dim=6, top_k=3,
                              activation="silu", sub_keys=(5, 6), threshold=0.5)
   model = model_lib.Transformer(cfg, mome=mome_cfg, mome_layers=(0, 2))
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   variables = nn.meta.unbox(variables)
   keys = iter(jax.random.split(jax.random.key(1), 8))
   for i in (0, 2):  # a trained-looking table (up != 0) and a selection bias
-    variables[mome.TABLE][f"layers_{i}"]["mome"]["up"] = jax.random.normal(next(keys), (30, 2, 24))
-    variables[mome.BALANCE][f"layers_{i}"]["mome"]["bias2"] = jax.random.normal(next(keys), (2, 6))
+    variables[layer_lib.TABLE][f"layers_{i}"]["mome"]["up"] = jax.random.normal(next(keys), (30, 2, 24))
+    variables[layer_lib.BALANCE][f"layers_{i}"]["mome"]["bias2"] = jax.random.normal(next(keys), (2, 6))
   out = export.export_mome(tmp_path / "mistral", model, variables)
   assert json.loads((out / "config.json").read_text())["model_type"] == "lamini_mome_mistral"
   tm = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
@@ -328,13 +338,11 @@ def test_mistral_mome_export_with_untied_head_and_sliding_window(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("mome" not in {f.name for f in dataclasses.fields(mt.RunConfig)},
-                    reason="memory_tuning.RunConfig has no `mome` section yet (MoME runs not wired)")
 def test_mome_run_exports_through_the_command_line(mome_run, stories_dir, encoded, tmp_path):
   run_dir, model, variables, steps = mome_run
-  run_cfg = mt.RunConfig(model=mt.ModelSpec(path=str(stories_dir)), method="mome", mome=MOME,
+  run_cfg = runs.RunConfig(model=runs.ModelSpec(path=str(stories_dir)), method="mome", mome=MOME,
                          run_dir=str(run_dir))
-  (run_dir / mt.CONFIG_FILE).write_text(yaml_config.dump(run_cfg))
+  (run_dir / runs.CONFIG_FILE).write_text(yaml_config.dump(run_cfg))
   out = tmp_path / "mome"
   assert export.main(["--checkpoint", str(run_dir), "--adapter", MOME_LABEL, "--out", str(out),
                       "--format", "mome"]) == 0
@@ -365,7 +373,8 @@ def fake_runs(tmp_path, stories_dir):
   (run_dir / "checkpoints" / "lora-real").mkdir(parents=True)
   (run_dir / "checkpoints" / "mome-random").mkdir(parents=True)
   (run_dir / "mome" / "mome-random" / "router").mkdir(parents=True)
-  (run_dir / mt.CONFIG_FILE).write_text(yaml_config.dump(mt.RunConfig(model=mt.ModelSpec(str(stories_dir)))))
+  (run_dir / "mome" / "mome-random" / "collisions.json").write_text("{}\n")
+  (run_dir / runs.CONFIG_FILE).write_text(yaml_config.dump(runs.RunConfig(model=runs.ModelSpec(str(stories_dir)))))
   return run_dir
 
 
@@ -381,7 +390,7 @@ def test_format_that_does_not_fit_the_run_is_a_clear_error(fake_runs, tmp_path, 
     export.export_checkpoint(fake_runs, out, "mome", adapter="lora-real")
   with pytest.raises(export.ExportError, match=r"holds 2 trained models \['lora-real', 'mome-random'\]"):
     export.export_checkpoint(fake_runs, out, "merged")
-  with pytest.raises(export.ExportError, match=r"no checkpoint for adapter 'lora-x'; available"):
+  with pytest.raises(export.ExportError, match=r"no checkpoint for label 'lora-x'; available"):
     export.export_checkpoint(fake_runs, out, "merged", adapter="lora-x")
   assert not out.exists()
 

@@ -25,12 +25,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels import dispatch
-from kernels import gather_apply as ga
-from kernels.gpu import gather_apply as gpu_ga
-from kernels.tpu import gather_apply as tpu_ga
-from lamini_jax import mome
+from lamini_jax.mome import config as mome_config
+from lamini_jax.mome import layer as layer_lib
+from lamini_jax.mome import sparse_optim
+from lamini_jax.mome import table as table_lib
 from lamini_jax import sharding
+from lamini_jax_kernels import dispatch
+from lamini_jax_kernels import gather_apply as ga
+from lamini_jax_kernels.gpu import gather_apply as gpu_ga
+from lamini_jax_kernels.tpu import gather_apply as tpu_ga
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # With TRITON_INTERPRET=1 set before triton's import, triton.jit kernels run on the CPU.
@@ -221,26 +224,26 @@ def test_mome_layer_with_kernel_matches_reference_within_bf16():
   itself is further off, 1e-2 to 2e-2 here, from rounding its intermediates.)
   """
   dtype = jnp.bfloat16
-  cfg = mome.MomeConfig(num_experts=15, embed_dim=11, expert_rank=2, num_heads=2, key_dim=4,
+  cfg = mome_config.MomeConfig(num_experts=15, embed_dim=11, expert_rank=2, num_heads=2, key_dim=4,
                         top_k=2, activation="gelu", sub_keys=(3, 5))
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, cfg.embed_dim)).astype(dtype)
-  variables = nn.unbox(jax.jit(mome.MomeLayer(cfg).init)({"params": jax.random.PRNGKey(1)}, x))
+  variables = nn.unbox(jax.jit(layer_lib.MomeLayer(cfg).init)({"params": jax.random.PRNGKey(1)}, x))
   keys = jax.random.split(jax.random.PRNGKey(2), 2)
   tables = {name: jax.random.normal(key, a.shape).astype(dtype)
-            for key, (name, a) in zip(keys, variables[mome.TABLE].items())}
-  frozen = {k: variables[k] for k in (mome.ROUTER, mome.BALANCE)}
+            for key, (name, a) in zip(keys, variables[layer_lib.TABLE].items())}
+  frozen = {k: variables[k] for k in (layer_lib.ROUTER, layer_lib.BALANCE)}
 
   @functools.partial(jax.jit, static_argnums=0)
   def run(gather_apply, x, tables):
-    layer = mome.MomeLayer(cfg, gather_apply)
+    layer = layer_lib.MomeLayer(cfg, gather_apply)
 
     def loss(deltas):
-      y, aux = layer.apply({**frozen, mome.TABLE: tables, mome.DELTA: deltas}, x,
-                           mutable=[mome.UNIQ])
-      return jnp.sum(jnp.sin(y.astype(jnp.float32))), (y, aux[mome.UNIQ]["uniq"])
+      y, aux = layer.apply({**frozen, layer_lib.TABLE: tables, layer_lib.DELTA: deltas}, x,
+                           mutable=[layer_lib.UNIQ])
+      return jnp.sum(jnp.sin(y.astype(jnp.float32))), (y, aux[layer_lib.UNIQ]["uniq"])
 
     (_, (y, uniq)), g = jax.value_and_grad(loss, has_aux=True)(
-        mome.zero_deltas(tables, x.shape[1] * cfg.slots))
+        sparse_optim.zero_deltas(tables, x.shape[1] * cfg.slots))
     return y, g, uniq
 
   kernel = dispatch.get_gather_apply("pallas_interpret", block_sizes=PALLAS_BLOCKS)
@@ -255,13 +258,13 @@ def test_mome_layer_with_kernel_matches_reference_within_bf16():
 
 def test_kernel_in_shard_map_over_row_sharded_table_matches_reference():
   """apply_experts on a (2 data x 4 expert) mesh: forward and gradients, kernel vs reference."""
-  cfg = mome.MomeConfig(num_experts=16, embed_dim=9, expert_rank=2, num_heads=2, key_dim=4,
+  cfg = mome_config.MomeConfig(num_experts=16, embed_dim=9, expert_rank=2, num_heads=2, key_dim=4,
                         top_k=2, activation="gelu")
   mesh = sharding.make_mesh(2, 4)
   x, idx, w, _, _, _ = _inputs(Case(tokens=6, slots=cfg.slots, experts=16, width=9, rank=2),
                                jnp.float32, seed=6)
   keys = jax.random.split(jax.random.PRNGKey(6), 2)
-  shapes = mome.table_shapes(cfg)
+  shapes = table_lib.table_shapes(cfg)
   table = jax.device_put(
       {name: jax.random.normal(key, shapes[name]) for key, name in zip(keys, ("down", "up"))},
       jax.sharding.NamedSharding(mesh, sharding.row_spec(3)))
@@ -269,7 +272,7 @@ def test_kernel_in_shard_map_over_row_sharded_table_matches_reference():
 
   def loss_and_grads(gather_apply):
     loss = lambda x, w, table: jnp.sum(jnp.sin(
-        mome.apply_experts(x, idx, w, table, cfg, gather_apply, mesh)))
+        table_lib.apply_experts(x, idx, w, table, cfg, gather_apply, mesh)))
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, w, table)
 
   got = loss_and_grads(dispatch.get_gather_apply("pallas_interpret", block_sizes=PALLAS_BLOCKS))

@@ -1,12 +1,16 @@
 """Hugging Face import/export: round trips through torch `transformers`, and errors."""
 
 import json
+import re
 import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+import safetensors
+import safetensors.torch
 import torch
 import transformers
 
@@ -99,11 +103,10 @@ def test_unsupported_architecture_names_the_supported_ones(model_copy):
     hf.load_pretrained(model_copy)
 
 
-def _rewrite(model_copy, edit):
-  st = hf.SafetensorsFile(model_copy / hf.SINGLE_FILE)
-  tensors = {k: np.array(st.get(k)) for k in st.keys()}
+def _rewrite(model_copy, edit, metadata=None):
+  tensors = hf.read_safetensors(model_copy / hf.SINGLE_FILE)
   edit(tensors)
-  hf.write_safetensors(model_copy / hf.SINGLE_FILE, tensors)
+  hf.write_safetensors(model_copy / hf.SINGLE_FILE, tensors, metadata)
 
 
 def test_wrong_shape_names_the_tensor(model_copy):
@@ -122,11 +125,74 @@ def test_truncated_safetensors(model_copy):
   path = model_copy / hf.SINGLE_FILE
   data = path.read_bytes()
   path.write_bytes(data[: len(data) // 2])
-  with pytest.raises(hf.CheckpointError, match="truncated"):
+  with pytest.raises(hf.CheckpointError, match=re.escape(f"{path}: ") + ".*truncated"):
     hf.load_pretrained(model_copy)
+
+
+def test_corrupt_header_names_the_file(model_copy):
+  path = model_copy / hf.SINGLE_FILE
+  path.write_bytes((16).to_bytes(8, "little") + b"this is not json")
+  with pytest.raises(hf.CheckpointError, match=re.escape(f"{path}: not a readable safetensors file")):
+    hf.load_pretrained(model_copy)
+
+
+def test_truncated_shard_of_an_index_names_the_shard(stories, tmp_path):
+  cfg, params = stories
+  out = hf.save_pretrained(tmp_path, params, cfg, max_shard_bytes=60_000)
+  shard = out / sorted(set(json.loads((out / hf.INDEX_FILE).read_text())["weight_map"].values()))[1]
+  shard.write_bytes(shard.read_bytes()[:-4])
+  with pytest.raises(hf.CheckpointError, match=re.escape(f"{shard}: ") + ".*truncated"):
+    hf.load_pretrained(out)
 
 
 def test_no_weights_file(model_copy):
   (model_copy / hf.SINGLE_FILE).unlink()
   with pytest.raises(hf.CheckpointError, match="no model.safetensors"):
     hf.load_pretrained(model_copy)
+
+
+# ---------------------------------------------------------------------------
+# Tied embeddings stored under either name.
+
+
+@pytest.mark.parametrize("alias", [True, False], ids=["metadata_alias", "lm_head_only"])
+def test_tied_embedding_stored_only_as_lm_head(stories, model_copy, alias):
+  # What safetensors' shared-tensor de-duplication writes when it keeps `lm_head.weight`:
+  # the removed name maps to the kept one in `__metadata__`. transformers also accepts the
+  # copy without the alias (it ties a missing source to a present target).
+  metadata = {"format": "pt", **({hf.EMBED: hf.LM_HEAD} if alias else {})}
+  _rewrite(model_copy, lambda t: t.update({hf.LM_HEAD: t.pop(hf.EMBED)}), metadata)
+  with safetensors.safe_open(model_copy / hf.SINGLE_FILE, framework="numpy") as f:
+    assert hf.EMBED not in f.keys() and f.metadata() == metadata
+  tm, info = transformers.AutoModelForCausalLM.from_pretrained(
+      model_copy, local_files_only=True, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  cfg, params = stories
+  np.testing.assert_array_equal(tm.model.embed_tokens.weight.detach().numpy(), params["embedding"])
+  cfg2, params2, _ = hf.load_pretrained(model_copy)
+  assert cfg2 == cfg
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
+  tokens = np.random.default_rng(2).integers(3, 512, (2, 13))
+  with torch.no_grad():
+    ref = tm.eval()(torch.tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(_logits(cfg2, params2, tokens), ref, atol=1e-4, rtol=0)
+
+
+def test_tied_embedding_missing_under_both_names(model_copy):
+  _rewrite(model_copy, lambda t: t.pop(hf.EMBED))
+  with pytest.raises(hf.CheckpointError, match="missing tensor 'model.embed_tokens.weight'"):
+    hf.load_pretrained(model_copy)
+
+
+def test_bfloat16_file_reads_bit_exact_in_torch_and_back(tmp_path):
+  bits_KxN = np.random.default_rng(3).integers(0, 2**16, (7, 5), dtype=np.uint16)
+  bits_KxN[(bits_KxN & 0x7F80) == 0x7F80] = 0  # no NaN or inf, whose payloads may not compare
+  x_KxN = bits_KxN.view(ml_dtypes.bfloat16)
+  path = tmp_path / "x.safetensors"
+  hf.write_safetensors(path, {"x": x_KxN.T})  # a transposed, non-contiguous view
+  in_torch = safetensors.torch.load_file(path)["x"]
+  assert in_torch.dtype == torch.bfloat16
+  np.testing.assert_array_equal(in_torch.view(torch.int16).numpy().view(np.uint16), bits_KxN.T)
+  back = hf.read_safetensors(path)["x"]
+  assert back.dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(back.view(np.uint16), bits_KxN.T)

@@ -1,4 +1,4 @@
-"""Tests for lamini_jax.mome and kernels.gather_apply (reference)."""
+"""Tests for lamini_jax.mome and lamini_jax_kernels.gather_apply (reference)."""
 
 import dataclasses
 import functools
@@ -11,11 +11,16 @@ import numpy as np
 import optax
 import pytest
 
-from kernels.gather_apply import gather_apply_reference
-from lamini_jax import mome
+from lamini_jax.mome import collisions as collisions_lib
+from lamini_jax.mome import config as mome_config
+from lamini_jax.mome import layer as layer_lib
+from lamini_jax.mome import router as router_lib
+from lamini_jax.mome import sparse_optim
+from lamini_jax.mome import table as table_lib
+from lamini_jax_kernels.gather_apply import gather_apply_reference
 
 # N = 15 * 17 experts (odd, not square), odd widths everywhere.
-CFG = mome.MomeConfig(
+CFG = mome_config.MomeConfig(
     num_experts=255, embed_dim=13, expert_rank=3, num_heads=3, key_dim=10, top_k=5,
     activation="gelu", sub_keys=(15, 17))
 TOKENS = 37
@@ -23,7 +28,7 @@ TOKENS = 37
 
 def _random_table(key, cfg, scale=1.0):
   k1, k2 = jax.random.split(key)
-  shapes = mome.table_shapes(cfg)
+  shapes = table_lib.table_shapes(cfg)
   return {"down": scale * jax.random.normal(k1, shapes["down"]),
           "up": scale * jax.random.normal(k2, shapes["up"])}
 
@@ -55,13 +60,13 @@ def _brute_topk(scores_XxN, k):
 ])
 def test_config_rejects_bad_values(kwargs, field):
   with pytest.raises(ValueError, match=field):
-    mome.MomeConfig(**{**CFG.__dict__, **kwargs})
+    mome_config.MomeConfig(**{**CFG.__dict__, **kwargs})
 
 
 def test_config_grid_splits_non_square_sizes():
-  assert mome.MomeConfig(num_experts=2**17, top_k=8).grid == (256, 512)
-  assert mome.MomeConfig(num_experts=2**20, top_k=8).grid == (1024, 1024)
-  assert mome.MomeConfig(num_experts=289, top_k=8).grid == (17, 17)
+  assert mome_config.MomeConfig(num_experts=2**17, top_k=8).grid == (256, 512)
+  assert mome_config.MomeConfig(num_experts=2**20, top_k=8).grid == (1024, 1024)
+  assert mome_config.MomeConfig(num_experts=289, top_k=8).grid == (17, 17)
   assert CFG.grid == (15, 17) and CFG.slots == 15
 
 
@@ -77,7 +82,7 @@ def test_product_key_topk_equals_brute_force_with_ties(n1, n2, k):
   rng = np.random.default_rng(n1 * 100 + k)
   s1 = rng.integers(-3, 4, size=(6, n1)).astype(np.float32)
   s2 = rng.integers(-3, 4, size=(6, n2)).astype(np.float32)
-  scores, experts = mome.product_key_topk(jnp.asarray(s1), jnp.asarray(s2), k)
+  scores, experts = router_lib.product_key_topk(jnp.asarray(s1), jnp.asarray(s2), k)
   full = (s1.astype(np.float64)[:, :, None] + s2[:, None, :]).reshape(6, n1 * n2)
   want_scores, want_experts = _brute_topk(full, k)
   np.testing.assert_array_equal(np.asarray(experts), want_experts)
@@ -90,7 +95,7 @@ def test_exact_topk_equals_brute_force_with_ties(n, k):
   rng = np.random.default_rng(n + k)
   s = rng.integers(-4, 5, size=(3, 5, n)).astype(np.float32)
   s[0, 0] = 0.0  # all tied
-  values, idx = jax.jit(mome.exact_topk, static_argnums=1)(jnp.asarray(s), k)
+  values, idx = jax.jit(router_lib.exact_topk, static_argnums=1)(jnp.asarray(s), k)
   want_values, want_idx = _brute_topk(s.astype(np.float64), k)
   np.testing.assert_array_equal(np.asarray(idx), want_idx)
   np.testing.assert_array_equal(np.asarray(values), want_values)
@@ -100,10 +105,10 @@ def test_exact_topk_equals_brute_force_with_ties(n, k):
 @pytest.mark.parametrize("chunk_scores", [None, 1, 3 * 17 * 5])
 def test_route_equals_dense_cross_attention_over_all_keys(chunk_scores, monkeypatch):
   if chunk_scores is not None:
-    monkeypatch.setattr(mome, "_SELECT_CHUNK_SCORES", chunk_scores)
-  router = mome.init_router(jax.random.PRNGKey(0), CFG)
+    monkeypatch.setattr(router_lib, "_SELECT_CHUNK_SCORES", chunk_scores)
+  router = router_lib.init_router(jax.random.PRNGKey(0), CFG)
   x = jax.random.normal(jax.random.PRNGKey(1), (TOKENS, CFG.embed_dim))
-  idx, w = jax.jit(functools.partial(mome.route, cfg=CFG))(router, x)
+  idx, w = jax.jit(functools.partial(router_lib.route, cfg=CFG))(router, x)
   # Reference: every expert's full key, dense [T, H, N] scores in float64.
   n1, n2 = CFG.grid
   p = {k: np.asarray(v, np.float64) for k, v in router.items()}
@@ -123,25 +128,25 @@ def test_route_equals_dense_cross_attention_over_all_keys(chunk_scores, monkeypa
 
 
 def test_chunked_selection_with_balance_equals_one_piece(monkeypatch):
-  router = mome.init_router(jax.random.PRNGKey(0), CFG)
+  router = router_lib.init_router(jax.random.PRNGKey(0), CFG)
   x = jax.random.normal(jax.random.PRNGKey(1), (TOKENS, CFG.embed_dim))
   n1, n2 = CFG.grid
   k1, k2 = jax.random.split(jax.random.PRNGKey(3))
   balance = {"bias1": jax.random.normal(k1, (CFG.num_heads, n1)),
              "bias2": jax.random.normal(k2, (CFG.num_heads, n2))}
-  whole = mome.route(router, x, CFG, balance)
-  monkeypatch.setattr(mome, "_SELECT_CHUNK_SCORES", 3 * 17 * 4)  # chunks of 4 tokens
-  chunked = mome.route(router, x, CFG, balance)
+  whole = router_lib.route(router, x, CFG, balance)
+  monkeypatch.setattr(router_lib, "_SELECT_CHUNK_SCORES", 3 * 17 * 4)  # chunks of 4 tokens
+  chunked = router_lib.route(router, x, CFG, balance)
   for a, b in zip(whole, chunked):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert not np.array_equal(np.asarray(whole[0]), np.asarray(mome.route(router, x, CFG)[0]))
+  assert not np.array_equal(np.asarray(whole[0]), np.asarray(router_lib.route(router, x, CFG)[0]))
 
 
 def test_route_gradient_reaches_query_and_keys():
-  router = mome.init_router(jax.random.PRNGKey(0), CFG)
+  router = router_lib.init_router(jax.random.PRNGKey(0), CFG)
   x = jax.random.normal(jax.random.PRNGKey(1), (TOKENS, CFG.embed_dim))
   target = jax.random.normal(jax.random.PRNGKey(2), (TOKENS, CFG.slots))
-  grads = jax.jit(jax.grad(lambda r: jnp.sum(mome.route(r, x, CFG)[1] * target)))(router)
+  grads = jax.jit(jax.grad(lambda r: jnp.sum(router_lib.route(r, x, CFG)[1] * target)))(router)
   for name, g in grads.items():
     assert float(jnp.abs(g).max()) > 0, name
 
@@ -176,7 +181,7 @@ def test_gather_apply_reference_equals_float64_loop(activation, np_activation):
 
 
 def _loss(rows, idx_TxK, w_TxK, x_TxD, target_TxD, cfg):
-  y_TxD = mome.apply_experts(x_TxD, idx_TxK, w_TxK, rows, cfg)
+  y_TxD = table_lib.apply_experts(x_TxD, idx_TxK, w_TxK, rows, cfg)
   return jnp.mean((y_TxD - target_TxD) ** 2)
 
 
@@ -190,14 +195,14 @@ def _batch(seed, cfg=CFG, tokens=TOKENS, max_expert=None):
 
 
 def test_key_rows_equal_float64_and_fire_only_near_their_inputs():
-  cfg = mome.MomeConfig(num_experts=16, embed_dim=6, expert_rank=2, num_heads=1, key_dim=4, top_k=2,
+  cfg = mome_config.MomeConfig(num_experts=16, embed_dim=6, expert_rank=2, num_heads=1, key_dim=4, top_k=2,
                         activation="relu", threshold=2.0)
-  table = mome.init_table(jax.random.key(0), cfg)
+  table = table_lib.init_table(jax.random.key(0), cfg)
   before = jax.tree.map(np.asarray, table)
   rng = np.random.default_rng(1)
   x_PxD = rng.normal(size=(5, 6)).astype(np.float32)
   idx_PxK = np.array([[3, 7], [3, 9], [7, 9], [11, 3], [11, 11]])
-  keyed = jax.tree.map(np.asarray, mome.key_rows(table, idx_PxK, x_PxD, cfg, match=0.8))
+  keyed = jax.tree.map(np.asarray, table_lib.key_rows(table, idx_PxK, x_PxD, cfg, match=0.8))
   for e in (3, 7, 9, 11):
     slots = np.argwhere(idx_PxK == e)[:, 0]  # a position counts once per slot it selects e in
     m = x_PxD.astype(np.float64)[slots].mean(axis=0)
@@ -214,14 +219,14 @@ def test_key_rows_equal_float64_and_fire_only_near_their_inputs():
   np.testing.assert_array_equal(keyed["down"][others], before["down"][others])
   np.testing.assert_array_equal(keyed["up"], before["up"])
   with pytest.raises(ValueError, match="threshold > 0"):
-    mome.key_rows(mome.init_table(jax.random.key(0), CFG), idx_PxK, x_PxD, CFG, match=0.8)
+    table_lib.key_rows(table_lib.init_table(jax.random.key(0), CFG), idx_PxK, x_PxD, CFG, match=0.8)
   with pytest.raises(ValueError, match="match=1.0"):
-    mome.key_rows(mome.init_table(jax.random.key(0), cfg), idx_PxK, x_PxD, cfg, match=1.0)
+    table_lib.key_rows(table_lib.init_table(jax.random.key(0), cfg), idx_PxK, x_PxD, cfg, match=1.0)
 
 
 def test_unique_rows_roundtrip_and_padding():
   idx = jnp.array([[5, 1, 5], [2, 1, 0]])
-  uniq, inv = mome.unique_rows(idx, 9)
+  uniq, inv = table_lib.unique_rows(idx, 9)
   np.testing.assert_array_equal(np.asarray(uniq), [0, 1, 2, 5, 9, 9])
   np.testing.assert_array_equal(np.asarray(uniq)[np.asarray(inv)], np.asarray(idx))
 
@@ -231,7 +236,7 @@ def test_row_grads_combine_duplicates_and_equal_dense_gradient_rows():
   idx, w, x, target = _batch(0, max_expert=40)
   table = _random_table(jax.random.PRNGKey(1), CFG)
   loss_fn = functools.partial(_loss, cfg=CFG)
-  loss, g_rows, uniq = jax.jit(functools.partial(mome.row_grads, loss_fn))(table, idx, w, x, target)
+  loss, g_rows, uniq = jax.jit(functools.partial(sparse_optim.row_grads, loss_fn))(table, idx, w, x, target)
   dense_loss, g_dense = jax.jit(jax.value_and_grad(loss_fn))(table, idx, w, x, target)
   uniq = np.asarray(uniq)
   real = uniq < CFG.num_experts
@@ -249,8 +254,8 @@ def test_row_grads_combine_duplicates_and_equal_dense_gradient_rows():
 def _tuning_step(cfg, tx):
   def step(table, opt_state, idx, w, x, target):
     loss_fn = functools.partial(_loss, cfg=cfg)
-    loss, g_rows, uniq = mome.row_grads(loss_fn, table, idx, w, x, target)
-    table, opt_state = mome.sparse_step(table, opt_state, g_rows, uniq, tx=tx)
+    loss, g_rows, uniq = sparse_optim.row_grads(loss_fn, table, idx, w, x, target)
+    table, opt_state = sparse_optim.sparse_step(table, opt_state, g_rows, uniq, tx=tx)
     return table, opt_state, loss
   return jax.jit(step, donate_argnames=("table", "opt_state"))
 
@@ -262,7 +267,7 @@ def test_sparse_steps_change_only_selected_experts():
   tx = optax.adafactor(1e-2)
   idx, w, x, target = _batch(1, max_expert=200)
   table = _random_table(jax.random.PRNGKey(2), cfg)
-  opt_state = mome.init_expert_opt_state(table, tx)
+  opt_state = sparse_optim.init_expert_opt_state(table, tx)
   before = jax.tree.map(np.array, (table, opt_state))
   step = _tuning_step(cfg, tx)
   losses = []
@@ -286,12 +291,12 @@ def test_sparse_step_is_in_place_with_no_table_sized_temporary():
   # Compile only (no data): 2^16 experts, 16 tokens. The donated table and state
   # must be aliased to the outputs, and the step's scratch memory must not hold
   # anything close to one [N, D, R] table.
-  cfg = mome.MomeConfig(num_experts=2**16, embed_dim=8, expert_rank=1, num_heads=2, key_dim=8,
+  cfg = mome_config.MomeConfig(num_experts=2**16, embed_dim=8, expert_rank=1, num_heads=2, key_dim=8,
                         top_k=4)
   tx = optax.adafactor(1e-2)
   spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
-  table = jax.tree.map(spec, mome.table_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-  opt_state = jax.eval_shape(lambda t: mome.init_expert_opt_state(t, tx), table)
+  table = jax.tree.map(spec, table_lib.table_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+  opt_state = jax.eval_shape(lambda t: sparse_optim.init_expert_opt_state(t, tx), table)
   idx, w = spec((16, cfg.slots), jnp.int32), spec((16, cfg.slots))
   x = spec((16, cfg.embed_dim))
   compiled = _tuning_step(cfg, tx).lower(table, opt_state, idx, w, x, x).compile()
@@ -307,14 +312,14 @@ def test_sparse_adafactor_equals_one_optax_adafactor_per_expert():
   # its own parameter block with its own step count. Selections vary per step.
   tx = optax.adafactor(3e-2)
   table = _random_table(jax.random.PRNGKey(3), CFG)
-  opt_state = mome.init_expert_opt_state(table, tx)
+  opt_state = sparse_optim.init_expert_opt_state(table, tx)
   ref_params = {e: {k: v[e] for k, v in table.items()} for e in range(CFG.num_experts)}
   ref_state = {e: tx.init(p) for e, p in ref_params.items()}
   ref_update = jax.jit(tx.update)
-  step = jax.jit(functools.partial(mome.sparse_step, tx=tx))
+  step = jax.jit(functools.partial(sparse_optim.sparse_step, tx=tx))
   for s in range(3):
     idx = jax.random.randint(jax.random.PRNGKey(10 + s), (5, 4), 0, 60)
-    uniq, _ = mome.unique_rows(idx, CFG.num_experts)
+    uniq, _ = table_lib.unique_rows(idx, CFG.num_experts)
     grads = _random_table(jax.random.PRNGKey(20 + s), CFG)
     g_rows = jax.tree.map(lambda a: jnp.take(a, uniq, axis=0, mode="clip"), grads)
     table, opt_state = step(table, opt_state, g_rows, uniq)
@@ -348,7 +353,7 @@ def test_sparse_adafactor_equals_dense_optax_adafactor_on_whole_table(all_rows):
   _, w, x, target = _batch(6, tokens=17)
   table = _random_table(jax.random.PRNGKey(7), CFG)
   dense_table, dense_state = table, tx.init(table)
-  sparse_state = mome.init_expert_opt_state(table, tx)
+  sparse_state = sparse_optim.init_expert_opt_state(table, tx)
   step = _tuning_step(CFG, tx)
   loss_fn = functools.partial(_loss, cfg=CFG)
 
@@ -371,10 +376,10 @@ def test_dense_step_equals_sparse_step_when_all_rows_selected():
   tx = optax.adafactor(1e-2)
   table = _random_table(jax.random.PRNGKey(8), CFG)
   grads = _random_table(jax.random.PRNGKey(9), CFG)
-  state = mome.init_expert_opt_state(table, tx)
-  dense_table, dense_state = jax.jit(functools.partial(mome.dense_step, tx=tx))(table, state, grads)
+  state = sparse_optim.init_expert_opt_state(table, tx)
+  dense_table, dense_state = jax.jit(functools.partial(sparse_optim.dense_step, tx=tx))(table, state, grads)
   uniq = jnp.arange(CFG.num_experts)
-  sparse = jax.jit(functools.partial(mome.sparse_step, tx=tx))
+  sparse = jax.jit(functools.partial(sparse_optim.sparse_step, tx=tx))
   sparse_table, sparse_state = sparse(table, state, grads, uniq)
   for a, b in zip(jax.tree.leaves((dense_table, dense_state)), jax.tree.leaves((sparse_table, sparse_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -384,16 +389,16 @@ def test_layer_helpers_walk_nested_collections():
   tx = optax.adafactor(1e-2)
   tables = {"block_0": {"mome": _random_table(jax.random.PRNGKey(40), CFG)},
             "block_3": {"mome": _random_table(jax.random.PRNGKey(41), CFG)}}
-  opt_states = mome.map_layers(lambda t: mome.init_expert_opt_state(t, tx), tables)
+  opt_states = sparse_optim.map_layers(lambda t: sparse_optim.init_expert_opt_state(t, tx), tables)
   uniqs, grads = {}, {}
   for i, block in enumerate(tables):
-    uniq, _ = mome.unique_rows(_batch(42 + i, tokens=3)[0], CFG.num_experts)
+    uniq, _ = table_lib.unique_rows(_batch(42 + i, tokens=3)[0], CFG.num_experts)
     uniqs[block] = {"mome": {"uniq": uniq}}
     grads[block] = {"mome": jax.tree.map(lambda a: a[:uniq.shape[0]],
                                          _random_table(jax.random.PRNGKey(50 + i), CFG))}
-  new_tables, new_states = jax.jit(functools.partial(mome.sparse_step_layers, tx=tx))(
+  new_tables, new_states = jax.jit(functools.partial(sparse_optim.sparse_step_layers, tx=tx))(
       tables, opt_states, grads, uniqs)
-  step = jax.jit(functools.partial(mome.sparse_step, tx=tx))
+  step = jax.jit(functools.partial(sparse_optim.sparse_step, tx=tx))
   for block in tables:
     want = step(tables[block]["mome"], opt_states[block]["mome"], grads[block]["mome"],
                 uniqs[block]["mome"]["uniq"])
@@ -409,7 +414,7 @@ def test_layer_helpers_walk_nested_collections():
 
 @pytest.fixture(scope="module")
 def layer_x_vars():
-  layer = mome.MomeLayer(CFG)
+  layer = layer_lib.MomeLayer(CFG)
   x = jax.random.normal(jax.random.PRNGKey(11), (2, 19, CFG.embed_dim))
   variables = jax.jit(layer.init)({"params": jax.random.PRNGKey(12)}, x)
   return layer, x, variables
@@ -418,11 +423,11 @@ def layer_x_vars():
 def test_module_collections_logical_names_and_zero_init_output(layer_x_vars):
   layer, x, variables = layer_x_vars
   specs = nn.get_partition_spec(variables)
-  assert set(variables) == {mome.ROUTER, mome.BALANCE, mome.TABLE}
-  assert tuple(specs[mome.TABLE]["down"]) == mome.TABLE_AXES["down"]
-  assert tuple(specs[mome.TABLE]["up"]) == mome.TABLE_AXES["up"]
-  for name, axes in mome.ROUTER_AXES.items():
-    assert tuple(specs[mome.ROUTER][name]) == axes
+  assert set(variables) == {layer_lib.ROUTER, layer_lib.BALANCE, layer_lib.TABLE}
+  assert tuple(specs[layer_lib.TABLE]["down"]) == table_lib.TABLE_AXES["down"]
+  assert tuple(specs[layer_lib.TABLE]["up"]) == table_lib.TABLE_AXES["up"]
+  for name, axes in router_lib.ROUTER_AXES.items():
+    assert tuple(specs[layer_lib.ROUTER][name]) == axes
   y = jax.jit(layer.apply)(variables, x)
   assert y.shape == x.shape
   np.testing.assert_array_equal(np.asarray(y), 0.0)  # up = 0: step 0 equals the backbone
@@ -431,18 +436,18 @@ def test_module_collections_logical_names_and_zero_init_output(layer_x_vars):
 def test_module_delta_gradient_equals_dense_table_gradient_and_router_is_frozen(layer_x_vars):
   layer, x, variables = layer_x_vars
   variables = nn.unbox(variables)
-  frozen = {k: variables[k] for k in (mome.ROUTER, mome.BALANCE)}
+  frozen = {k: variables[k] for k in (layer_lib.ROUTER, layer_lib.BALANCE)}
   tables = _random_table(jax.random.PRNGKey(13), CFG, scale=0.5)
   num_tokens = x.shape[0] * x.shape[1]
 
   def loss_of_deltas(deltas, tables):
-    y, aux = layer.apply({**frozen, mome.TABLE: tables, mome.DELTA: deltas}, x, mutable=[mome.UNIQ])
-    return jnp.sum(jnp.sin(y)), aux[mome.UNIQ]
+    y, aux = layer.apply({**frozen, layer_lib.TABLE: tables, layer_lib.DELTA: deltas}, x, mutable=[layer_lib.UNIQ])
+    return jnp.sum(jnp.sin(y)), aux[layer_lib.UNIQ]
 
   def loss_of_table(tables):
-    return jnp.sum(jnp.sin(layer.apply({**frozen, mome.TABLE: tables}, x)))
+    return jnp.sum(jnp.sin(layer.apply({**frozen, layer_lib.TABLE: tables}, x)))
 
-  deltas = mome.zero_deltas(tables, num_tokens * CFG.slots)
+  deltas = sparse_optim.zero_deltas(tables, num_tokens * CFG.slots)
   delta_grad = jax.jit(jax.value_and_grad(loss_of_deltas, has_aux=True))
   (loss, uniqs), g = delta_grad(deltas, tables)
   dense_loss, g_dense = jax.jit(jax.value_and_grad(loss_of_table))(tables)
@@ -454,8 +459,8 @@ def test_module_delta_gradient_equals_dense_table_gradient_and_router_is_frozen(
 
   # Phase 2: steps update the table only; the frozen router keeps selecting the same rows.
   tx = optax.adafactor(1e-1)
-  opt_state = mome.init_expert_opt_state(tables, tx)
-  step = jax.jit(functools.partial(mome.sparse_step_layers, tx=tx))
+  opt_state = sparse_optim.init_expert_opt_state(tables, tx)
+  step = jax.jit(functools.partial(sparse_optim.sparse_step_layers, tx=tx))
   for _ in range(3):
     (_, new_uniqs), g = delta_grad(deltas, tables)
     np.testing.assert_array_equal(np.asarray(new_uniqs["uniq"]), uniq)
@@ -467,9 +472,9 @@ def test_module_delta_gradient_equals_dense_table_gradient_and_router_is_frozen(
 def test_module_rejects_wrong_delta_rows(layer_x_vars):
   layer, x, variables = layer_x_vars
   variables = nn.unbox(variables)
-  deltas = mome.zero_deltas(variables[mome.TABLE], 5)
+  deltas = sparse_optim.zero_deltas(variables[layer_lib.TABLE], 5)
   with pytest.raises(ValueError, match="zero_deltas"):
-    layer.apply({**variables, mome.DELTA: deltas}, x, mutable=[mome.UNIQ])
+    layer.apply({**variables, layer_lib.DELTA: deltas}, x, mutable=[layer_lib.UNIQ])
 
 
 # ----------------------------------------------------------------------------
@@ -479,7 +484,7 @@ def test_module_rejects_wrong_delta_rows(layer_x_vars):
 
 def test_collision_report_on_hand_made_facts():
   facts = [np.array([1, 2, 3, 3]), np.array([3, 4]), np.array([5, -1]), np.array([5, 6]), np.array([7])]
-  report = mome.collision_report(facts)
+  report = collisions_lib.collision_report(facts)
   assert report.num_facts == 5
   assert report.experts_used == 7
   assert report.shared_experts == 2  # 3 and 5
@@ -492,15 +497,15 @@ def test_collision_report_on_hand_made_facts():
 def test_fact_experts_is_the_union_over_each_facts_tokens():
   idx = np.array([[4, 1], [1, 9], [7, 7], [2, 3]])
   fact = np.array([0, 0, -1, 2])
-  got = mome.fact_experts(idx, fact, 3)
+  got = collisions_lib.fact_experts(idx, fact, 3)
   assert [g.tolist() for g in got] == [[1, 4, 9], [], [2, 3]]
 
 
 def test_balance_router_lowers_collisions_of_clustered_facts():
   # 23 facts of 2 tokens whose hidden states share one dominant direction:
   # without the bias they all pick the same few sub-keys and collide.
-  cfg = mome.MomeConfig(num_experts=63 * 65, embed_dim=16, num_heads=2, key_dim=8, top_k=2)
-  router = mome.init_router(jax.random.PRNGKey(0), cfg)
+  cfg = mome_config.MomeConfig(num_experts=63 * 65, embed_dim=16, num_heads=2, key_dim=8, top_k=2)
+  router = router_lib.init_router(jax.random.PRNGKey(0), cfg)
   num_facts, length = 23, 2
   rng = np.random.default_rng(0)
   x = (rng.normal(size=16) + 0.3 * rng.normal(size=(num_facts, 1, 16))
@@ -508,23 +513,23 @@ def test_balance_router_lowers_collisions_of_clustered_facts():
   x = jnp.asarray(x.reshape(-1, 16), jnp.float32)
   fact = np.repeat(np.arange(num_facts), length)
 
-  route = jax.jit(functools.partial(mome.route, cfg=cfg))
+  route = jax.jit(functools.partial(router_lib.route, cfg=cfg))
 
   def report(balance):
     idx, _ = route(router, x, balance=balance)
-    return mome.collision_report(mome.fact_experts(np.asarray(idx), fact, num_facts))
+    return collisions_lib.collision_report(collisions_lib.fact_experts(np.asarray(idx), fact, num_facts))
 
-  balance = mome.balance_router(router, x, cfg)
+  balance = collisions_lib.balance_router(router, x, cfg)
   before, after = report(None), report(balance)
   assert before.fraction_facts_with_collision > 0.9
   assert after.fraction_facts_with_collision < 0.5 * before.fraction_facts_with_collision
   assert after.pair_collisions < 0.1 * before.pair_collisions
   # Deterministic, and it moves selection only: weights come from unbiased scores.
-  again = mome.balance_router(router, x, cfg)
+  again = collisions_lib.balance_router(router, x, cfg)
   for name in balance:
     np.testing.assert_array_equal(np.asarray(balance[name]), np.asarray(again[name]))
   idx_b, w_b = route(router, x, balance=balance)
-  s1, s2 = mome.half_scores(router, x)
+  s1, s2 = router_lib.half_scores(router, x)
   e = np.asarray(idx_b).reshape(-1, cfg.num_heads, cfg.top_k).transpose(1, 0, 2)
   n2 = cfg.grid[1]
   raw = np.take_along_axis(np.asarray(s1), e // n2, -1) + np.take_along_axis(np.asarray(s2), e % n2, -1)

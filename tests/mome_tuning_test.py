@@ -9,16 +9,26 @@ import numpy as np
 import optax
 import pytest
 
-from lamini_jax import data as data_lib
+from lamini_jax.config import ModelConfig
+from lamini_jax.data import batches as batch_lib
+from lamini_jax.data import encoding
+from lamini_jax.data import facts as facts_lib
+from lamini_jax.data import sources
 from lamini_jax import evaluate as eval_lib
-from lamini_jax import memory_tuning as mt
 from lamini_jax import model as model_lib
-from lamini_jax import mome
-from lamini_jax import mome_tuning as mtt
+from lamini_jax.mome import anchors as anchors_lib
+from lamini_jax.mome import collisions as collisions_lib
+from lamini_jax.mome import config as mome_config
+from lamini_jax.mome import inputs as inputs_lib
+from lamini_jax.mome import layer as layer_lib
+from lamini_jax.mome import router as router_lib
+from lamini_jax.mome import sparse_optim
+from lamini_jax.mome import steps as steps_lib
+from lamini_jax.mome import tuning as mome_tuning
+from lamini_jax import runs
 from lamini_jax import sharding
 from lamini_jax import train as train_lib
 from lamini_jax import yaml_config
-from lamini_jax.config import ModelConfig
 
 # A random tiny Llama (odd widths) with a MoME on its last layer: N = 2^8 experts.
 CFG = ModelConfig(vocab_size=67, hidden_size=22, intermediate_size=37, num_layers=3, num_heads=4,
@@ -27,9 +37,10 @@ SEQ = 16
 TRAIN = train_lib.TrainConfig(
     epochs=4, batch_size=4, seq_len=SEQ, seed=1, length_bucket=None,
     optimizer=train_lib.OptimizerConfig(learning_rate=0.2, multiply_by_parameter_scale=False))
-SPEC = mtt.MomeTuningConfig(
-    layers=(2,), num_experts=2**8, expert_rank=2, num_heads=2, key_dim=8, top_k=3, activation="silu",
-    balance=False, seed=3, generalization=mtt.GeneralizationConfig(epochs=0), train=TRAIN)
+SPEC = mome_config.MomeTuningConfig(
+    layers=(2,), layer=mome_config.MomeConfig(num_experts=2**8, expert_rank=2, num_heads=2, key_dim=8,
+                                              top_k=3, activation="silu"),
+    balance=False, seed=3, generalization=mome_config.GeneralizationConfig(epochs=0), train=TRAIN)
 
 
 @pytest.fixture(scope="module")
@@ -47,20 +58,20 @@ def encoded():
   for n in rng.integers(9, 16, size=7):
     tokens = rng.integers(3, CFG.vocab_size, size=n).astype(np.int32)
     mask = np.arange(n) >= n - 5
-    out.append(data_lib.EncodedFact(tokens, mask))
+    out.append(encoding.EncodedFact(tokens, mask))
   return out
 
 
 def _stack(encoded):
-  tokens, mask = data_lib.stack_encoded(encoded, SEQ, 0)
+  tokens, mask = batch_lib.stack_encoded(encoded, SEQ, 0)
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
 def _uniq(model, variables, tokens_BxT):
   """The rows each MoME layer gathers for a batch (what a sparse step updates)."""
-  deltas = mome.zero_deltas(variables[mome.TABLE], tokens_BxT.size * model.mome.slots)
-  _, aux = model.apply({**variables, mome.DELTA: deltas}, tokens_BxT, mutable=[mome.UNIQ])
-  return aux[mome.UNIQ]
+  deltas = sparse_optim.zero_deltas(variables[layer_lib.TABLE], tokens_BxT.size * model.mome.slots)
+  _, aux = model.apply({**variables, layer_lib.DELTA: deltas}, tokens_BxT, mutable=[layer_lib.UNIQ])
+  return aux[layer_lib.UNIQ]
 
 
 def _leaves_equal(a, b):
@@ -76,7 +87,7 @@ def _leaves_equal(a, b):
 @pytest.mark.parametrize("kwargs, field", [
     (dict(layers=()), "mome.layers"),
     (dict(layers=(1, 1)), "mome.layers"),
-    (dict(key_dim=9), "key_dim"),
+    (dict(key_match=1.5), "mome.key_match"),
     (dict(margin=-1.0), "mome.margin"),
     (dict(balance_rounds=-1), "mome.balance_rounds"),
 ])
@@ -84,21 +95,28 @@ def test_config_rejects_bad_values_naming_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):
     dataclasses.replace(SPEC, **kwargs)
   with pytest.raises(ValueError, match="generalization.windows"):
-    mtt.GeneralizationConfig(windows=0)
+    mome_config.GeneralizationConfig(windows=0)
   with pytest.raises(ValueError, match="layer 3 is outside"):
-    mtt.mome_model(CFG, dataclasses.replace(SPEC, layers=(3,)))
+    mome_tuning.mome_model(CFG, dataclasses.replace(SPEC, layers=(3,)))
 
 
 def test_run_config_has_a_mome_section_that_round_trips(tmp_path):
-  cfg = mt.load_run_config(mt.REPO / "configs" / "randomization_cpu.yaml",
-                           ["mome.num_experts=4096", "mome.train.epochs=3"])
-  assert cfg.mome.num_experts == 4096 and cfg.mome.train.epochs == 3
+  cfg = runs.load_run_config(runs.REPO / "configs" / "randomization_cpu.yaml",
+                             ["mome.layer.num_experts=4096", "mome.train.epochs=3"])
+  assert cfg.mome.layer.num_experts == 4096 and cfg.mome.train.epochs == 3
   assert not cfg.mome.train.optimizer.multiply_by_parameter_scale
   path = tmp_path / "config.yaml"
   path.write_text(yaml_config.dump(cfg))
-  assert mt.load_run_config(path) == cfg
-  with pytest.raises(yaml_config.ConfigError, match="mome.top_k"):
-    mt.load_run_config(None, ["mome.top_k=nope"])
+  assert runs.load_run_config(path) == cfg
+  with pytest.raises(yaml_config.ConfigError, match="mome.layer.top_k"):
+    runs.load_run_config(None, ["mome.layer.top_k=nope"])
+  with pytest.raises(ValueError, match="mome.layer.embed_dim=32 differs from the backbone"):
+    mome_tuning.mome_model(CFG, runs.load_run_config(None, ["mome.layers=[1]", "mome.layer.embed_dim=32"]).mome)
+  with pytest.raises(yaml_config.ConfigError, match=r"mome\.layer: MomeConfig\.key_dim=9 must be even"):
+    runs.load_run_config(None, ["mome.layer.key_dim=9"])
+  # A section given in part keeps the enclosing default's other fields.
+  partial = runs.load_run_config(None, ["mome.layer.top_k=3"]).mome.layer
+  assert partial == dataclasses.replace(mome_config.MomeTuningConfig().layer, top_k=3)
 
 
 # ----------------------------------------------------------------------------
@@ -107,19 +125,19 @@ def test_run_config_has_a_mome_section_that_round_trips(tmp_path):
 
 
 def test_frozen_router_selects_the_same_experts_and_only_they_change(params, encoded):
-  prepared = mtt.prepare(CFG, params, encoded, SPEC, pad_id=0)
+  prepared = mome_tuning.prepare(CFG, params, encoded, SPEC, pad_id=0)
   model, start = prepared.model, prepared.variables(prepared.table)
   frozen_copy = jax.tree.map(np.array, prepared.frozen)
   tx = TRAIN.optimizer.build()
-  state = mtt.tuning_state(prepared.table, tx, TRAIN.seed)
-  step = mtt.make_tuning_step(model, tx, margin=SPEC.margin)
+  state = mome_tuning.tuning_state(prepared.table, tx, TRAIN.seed)
+  step = steps_lib.make_tuning_step(model, tx, margin=SPEC.margin)
   uniq_fn = jax.jit(_uniq, static_argnums=0)
   tokens_all, mask_all = _stack(encoded)
   nll = jax.jit(lambda v: train_lib.token_nll(model.apply(v, tokens_all)[0], tokens_all, mask_all)[0])
   loss_before = float(nll(start))
   touched = set()
   for epoch in range(3):
-    for batch in data_lib.epoch_batches(encoded, 4, SEQ, 0, seed=1, epoch=epoch):
+    for batch in batch_lib.epoch_batches(encoded, 4, SEQ, 0, seed=1, epoch=epoch):
       tokens = jnp.asarray(batch.tokens_BxT)
       before = uniq_fn(model, prepared.variables(state.trainable), tokens)
       # The router is frozen: the current table selects what the starting one did.
@@ -128,16 +146,16 @@ def test_frozen_router_selects_the_same_experts_and_only_they_change(params, enc
       state, _ = step(state, prepared.frozen, tokens, jnp.asarray(batch.loss_mask_BxT))
   loss_after = float(nll(prepared.variables(state.trainable)))
   assert loss_after < 0.7 * loss_before, (loss_before, loss_after)
-  touched.discard(SPEC.num_experts)  # the padding index of unique_rows
+  touched.discard(SPEC.layer.num_experts)  # the padding index of unique_rows
   rows = sorted(touched)
-  untouched = np.setdiff1d(np.arange(SPEC.num_experts), rows)
-  assert 0 < len(rows) < SPEC.num_experts
-  new, old = state.trainable["layers_2"]["mome"], start[mome.TABLE]["layers_2"]["mome"]
+  untouched = np.setdiff1d(np.arange(SPEC.layer.num_experts), rows)
+  assert 0 < len(rows) < SPEC.layer.num_experts
+  new, old = state.trainable["layers_2"]["mome"], start[layer_lib.TABLE]["layers_2"]["mome"]
   for name in ("down", "up"):
     np.testing.assert_array_equal(np.asarray(new[name])[untouched], np.asarray(old[name])[untouched])
   assert np.any(np.asarray(new["up"])[rows] != 0)  # up starts at 0
   # Per-row optimizer state: untouched rows still hold their initial state.
-  init_state = mtt.init_row_state(start[mome.TABLE], tx)
+  init_state = sparse_optim.init_row_state(start[layer_lib.TABLE], tx)
   for got, want in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(init_state), strict=True):
     np.testing.assert_array_equal(np.asarray(got)[untouched], np.asarray(want)[untouched])
   assert _leaves_equal(prepared.frozen, frozen_copy)  # backbone, router, balance
@@ -146,14 +164,14 @@ def test_frozen_router_selects_the_same_experts_and_only_they_change(params, enc
 def test_answer_focus_trains_only_experts_of_positions_that_predict_answers(params, encoded):
   # MoME at layer 1: the experts of prompt positions reach the loss through later attention.
   spec = dataclasses.replace(SPEC, layers=(1,))
-  prepared = mtt.prepare(CFG, params, encoded, spec, pad_id=0)
+  prepared = mome_tuning.prepare(CFG, params, encoded, spec, pad_id=0)
   model, start = prepared.model, prepared.variables(prepared.table)
   tokens, mask = _stack(encoded[:4])
-  x = mtt.mome_inputs(model, start, tokens)["layers_1/mome"]
-  router = start[mome.ROUTER]["layers_1"]["mome"]
-  idx_TxK, _ = mome.route(router, x.reshape(-1, CFG.hidden_size), model.mome,
-                          start[mome.BALANCE]["layers_1"]["mome"])
-  focus = np.asarray(mtt.focus_positions(mask))
+  x = inputs_lib.layer_inputs(model, start, tokens)["layers_1/mome"]
+  router = start[layer_lib.ROUTER]["layers_1"]["mome"]
+  idx_TxK, _ = router_lib.route(router, x.reshape(-1, CFG.hidden_size), model.mome,
+                          start[layer_lib.BALANCE]["layers_1"]["mome"])
+  focus = np.asarray(steps_lib.focus_positions(mask))
   np.testing.assert_array_equal(focus[:, :-1], np.asarray(mask)[:, 1:] > 0)
   idx = np.asarray(idx_TxK).reshape(*focus.shape, -1)
   prompt_only = np.setdiff1d(idx[~focus], idx[focus])
@@ -161,8 +179,8 @@ def test_answer_focus_trains_only_experts_of_positions_that_predict_answers(para
   tx = TRAIN.optimizer.build()
   up = {}
   for positions in ("answer", "all"):
-    step = mtt.make_tuning_step(model, tx, margin=SPEC.margin, train_positions=positions)
-    state, _ = step(mtt.tuning_state(prepared.table, tx, 0), prepared.frozen, tokens, mask)
+    step = steps_lib.make_tuning_step(model, tx, margin=SPEC.margin, train_positions=positions)
+    state, _ = step(mome_tuning.tuning_state(prepared.table, tx, 0), prepared.frozen, tokens, mask)
     up[positions] = np.asarray(state.trainable["layers_1"]["mome"]["up"])
   assert not np.any(up["answer"][prompt_only])  # up starts at 0 and got no gradient
   assert np.any(up["all"][prompt_only])
@@ -173,32 +191,33 @@ def test_answer_focus_trains_only_experts_of_positions_that_predict_answers(para
 
 
 def test_keyed_experts_fire_on_their_facts_and_train_up_only(params, encoded):
-  spec = dataclasses.replace(SPEC, activation="relu", threshold=2.0, key_match=0.8)
-  prepared = mtt.prepare(CFG, params, encoded, spec, pad_id=0)
+  spec = dataclasses.replace(SPEC, key_match=0.8,
+                             layer=dataclasses.replace(SPEC.layer, activation="relu", threshold=2.0))
+  prepared = mome_tuning.prepare(CFG, params, encoded, spec, pad_id=0)
   model, start = prepared.model, prepared.variables(prepared.table)
-  x, fact_P = mtt.fact_inputs(model, start, encoded)
+  x, fact_P = inputs_lib.fact_inputs(model, start, encoded)
   x = x["layers_2/mome"]
-  idx, _ = mome.route(start[mome.ROUTER]["layers_2"]["mome"], jnp.asarray(x), model.mome,
-                      start[mome.BALANCE]["layers_2"]["mome"])
+  idx, _ = router_lib.route(start[layer_lib.ROUTER]["layers_2"]["mome"], jnp.asarray(x), model.mome,
+                      start[layer_lib.BALANCE]["layers_2"]["mome"])
   idx = np.asarray(idx)
   down = np.asarray(prepared.table["layers_2"]["mome"]["down"])
-  z_PxK = np.einsum("PD,PKD->PK", x, down[idx][..., 0]) - spec.threshold
-  alone = np.bincount(idx.ravel(), minlength=spec.num_experts)[idx] == 1
+  z_PxK = np.einsum("PD,PKD->PK", x, down[idx][..., 0]) - spec.layer.threshold
+  alone = np.bincount(idx.ravel(), minlength=spec.layer.num_experts)[idx] == 1
   # An expert keyed to one position fires there with threshold * (1 / match - 1).
   np.testing.assert_allclose(z_PxK[alone], 2.0 * (1 / 0.8 - 1), rtol=1e-4)
   assert alone.sum() >= 5 and np.all(z_PxK[alone] > 0)
   # Keyed rows are exactly those the answer positions select; without phase 1 the
   # rest start at down = 0 (never drawn), and every row still starts with up = 0.
-  zero = mtt.init_mome(model, spec.seed, zero_down=True)[mome.TABLE]["layers_2"]["mome"]
+  zero = mome_tuning.init_mome(model, spec.seed, zero_down=True)[layer_lib.TABLE]["layers_2"]["mome"]
   assert not np.any(np.asarray(zero["down"])) and not np.any(np.asarray(zero["up"]))
   np.testing.assert_array_equal(np.flatnonzero(np.any(down != 0, axis=(1, 2))), np.unique(idx))
-  drawn = np.asarray(mtt.init_mome(model, spec.seed)[mome.TABLE]["layers_2"]["mome"]["down"])
+  drawn = np.asarray(mome_tuning.init_mome(model, spec.seed)[layer_lib.TABLE]["layers_2"]["mome"]["down"])
   assert np.all(np.any(drawn != 0, axis=(1, 2)))  # the default still draws every row
   assert len(np.unique(fact_P)) == len(encoded)
   tx = TRAIN.optimizer.build()
-  step = mtt.make_tuning_step(model, tx, margin=spec.margin, train_down=False)
+  step = steps_lib.make_tuning_step(model, tx, margin=spec.margin, train_down=False)
   tokens, mask = _stack(encoded[:4])
-  state, metrics = step(mtt.tuning_state(prepared.table, tx, 0), prepared.frozen, tokens, mask)
+  state, metrics = step(mome_tuning.tuning_state(prepared.table, tx, 0), prepared.frozen, tokens, mask)
   after = state.trainable["layers_2"]["mome"]
   np.testing.assert_array_equal(np.asarray(after["down"]), down)
   assert np.any(np.asarray(after["up"]) != 0) and np.isfinite(float(metrics["loss"]))
@@ -221,18 +240,18 @@ def test_sparse_step_applies_the_dense_gradient_to_the_trained_rows_only(params,
   # which a dense jax.grad over the whole table gives as reference.
   weight = 3.0
   spec = dataclasses.replace(SPEC, layers=(0, 2))
-  prepared = mtt.prepare(CFG, params, encoded, spec, pad_id=0)
+  prepared = mome_tuning.prepare(CFG, params, encoded, spec, pad_id=0)
   model = prepared.model
   # A table with nonzero up rows, so every path carries gradient.
   key = jax.random.key(8)
   table = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(key, a.shape, a.dtype), prepared.table)
   tokens, mask = _stack(encoded[:4])
   pool = _anchor_pool()
-  anchor = mtt.AnchorConfig(weight=weight, batch_size=3, seq_len=12)
+  anchor = mome_config.AnchorConfig(weight=weight, batch_size=3, seq_len=12)
   tx = optax.sgd(1.0)
-  step = mtt.make_tuning_step(model, tx, margin=SPEC.margin, anchor=anchor)
-  frozen = {**prepared.frozen, mtt.ANCHOR: jax.tree.map(jnp.asarray, pool)}
-  state, metrics = step(mtt.tuning_state(table, tx, 0), frozen, tokens, mask)
+  step = steps_lib.make_tuning_step(model, tx, margin=SPEC.margin, anchor=anchor)
+  frozen = {**prepared.frozen, anchors_lib.ANCHOR: jax.tree.map(jnp.asarray, pool)}
+  state, metrics = step(mome_tuning.tuning_state(table, tx, 0), frozen, tokens, mask)
 
   pick = np.arange(3) % 5  # step 0 takes anchors 0, 1, 2
   all_tokens = jnp.asarray(np.concatenate([np.asarray(tokens),
@@ -240,25 +259,25 @@ def test_sparse_step_applies_the_dense_gradient_to_the_trained_rows_only(params,
   all_mask = jnp.asarray(np.concatenate([np.asarray(mask), np.zeros((3, SEQ), np.float32)]))
 
   def dense_objective(t):
-    (logits, _), aux = model.apply({**prepared.frozen, mome.TABLE: t}, all_tokens, mutable=[mome.OUT])
-    objective, (nll, _, _) = mtt._objective(model, prepared.frozen, logits[:4], all_tokens[:4],
+    (logits, _), aux = model.apply({**prepared.frozen, layer_lib.TABLE: t}, all_tokens, mutable=[layer_lib.OUT])
+    objective, (nll, _, _) = steps_lib._objective(model, prepared.frozen, logits[:4], all_tokens[:4],
                                             all_mask[:4], SPEC.margin)
     penalty = 0.0
-    for y in jax.tree.leaves(aux[mome.OUT]):  # the anchors' rows and real tokens, written out
+    for y in jax.tree.leaves(aux[layer_lib.OUT]):  # the anchors' rows and real tokens, written out
       sq = jnp.sum(y[4:, :12] ** 2, axis=-1)
       penalty = penalty + jnp.sum(sq * pool["mask"][pick]) / np.sum(pool["mask"][pick])
     return objective + weight * penalty, nll
 
   (_, nll), dense = jax.value_and_grad(dense_objective, has_aux=True)(table)
   np.testing.assert_allclose(float(metrics["loss"]), float(nll), rtol=1e-6)
-  focus = np.asarray(mtt.focus_positions(all_mask))
-  x = mtt.mome_inputs(model, prepared.variables(table), all_tokens)
+  focus = np.asarray(steps_lib.focus_positions(all_mask))
+  x = inputs_lib.layer_inputs(model, prepared.variables(table), all_tokens)
   for name in ("layers_0", "layers_2"):
-    router = prepared.frozen[mome.ROUTER][name]["mome"]
-    idx, _ = mome.route(router, x[f"{name}/mome"].reshape(-1, CFG.hidden_size), model.mome,
-                        prepared.frozen[mome.BALANCE][name]["mome"])
+    router = prepared.frozen[layer_lib.ROUTER][name]["mome"]
+    idx, _ = router_lib.route(router, x[f"{name}/mome"].reshape(-1, CFG.hidden_size), model.mome,
+                        prepared.frozen[layer_lib.BALANCE][name]["mome"])
     trained = np.unique(np.asarray(idx).reshape(*focus.shape, -1)[focus])
-    others = np.setdiff1d(np.arange(spec.num_experts), trained)
+    others = np.setdiff1d(np.arange(spec.layer.num_experts), trained)
     for part in ("down", "up"):
       new = np.asarray(state.trainable[name]["mome"][part])
       old = np.asarray(table[name]["mome"][part])
@@ -272,21 +291,21 @@ def test_sparse_step_applies_the_dense_gradient_to_the_trained_rows_only(params,
 
 @pytest.mark.slow  # a few anchored training steps: runs in CI after the fast suite
 def test_anchors_keep_the_mome_silent_on_anchor_text_and_facts_still_train(params, encoded):
-  prepared = mtt.prepare(CFG, params, encoded, SPEC, pad_id=0)
+  prepared = mome_tuning.prepare(CFG, params, encoded, SPEC, pad_id=0)
   model, pool = prepared.model, _anchor_pool(n=7)
   anchor_tokens = jnp.asarray(pool["tokens"])
   outs, losses = {}, {}
   for weight in (0.0, 30.0):
-    anchor = mtt.AnchorConfig(weight=weight, batch_size=4, seq_len=12)
+    anchor = mome_config.AnchorConfig(weight=weight, batch_size=4, seq_len=12)
     tx = TRAIN.optimizer.build()
-    step = mtt.make_tuning_step(model, tx, margin=SPEC.margin, anchor=anchor)
-    frozen = {**prepared.frozen, mtt.ANCHOR: jax.tree.map(jnp.asarray, pool)} if weight else prepared.frozen
-    state = mtt.tuning_state(prepared.table, tx, 0)
+    step = steps_lib.make_tuning_step(model, tx, margin=SPEC.margin, anchor=anchor)
+    frozen = {**prepared.frozen, anchors_lib.ANCHOR: jax.tree.map(jnp.asarray, pool)} if weight else prepared.frozen
+    state = mome_tuning.tuning_state(prepared.table, tx, 0)
     for epoch in range(3):
-      for batch in data_lib.epoch_batches(encoded, 4, SEQ, 0, seed=1, epoch=epoch):
+      for batch in batch_lib.epoch_batches(encoded, 4, SEQ, 0, seed=1, epoch=epoch):
         state, metrics = step(state, frozen, jnp.asarray(batch.tokens_BxT), jnp.asarray(batch.loss_mask_BxT))
-    _, aux = model.apply(prepared.variables(state.trainable), anchor_tokens, mutable=[mome.OUT])
-    outs[weight] = float(mtt.anchor_penalty(aux[mome.OUT], jnp.asarray(pool["mask"])))
+    _, aux = model.apply(prepared.variables(state.trainable), anchor_tokens, mutable=[layer_lib.OUT])
+    outs[weight] = float(anchors_lib.anchor_penalty(aux[layer_lib.OUT], jnp.asarray(pool["mask"])))
     losses[weight] = float(eval_lib.fact_losses(model, prepared.variables(state.trainable), encoded).mean())
   start = float(eval_lib.fact_losses(model, prepared.variables(prepared.table), encoded).mean())
   assert outs[30.0] < 0.2 * outs[0.0], outs
@@ -295,28 +314,28 @@ def test_anchors_keep_the_mome_silent_on_anchor_text_and_facts_still_train(param
 
 def test_anchor_sequences_and_spare_questions():
   tok = _FakeTokenizer()
-  template = data_lib.PromptTemplate()
-  cfg = mtt.AnchorConfig(weight=1.0, seq_len=40, windows=3)
-  pool = mtt.anchor_sequences(tok, template, cfg, [("q one", "a"), ("a much longer question, " * 3, "b")],
+  template = encoding.PromptTemplate()
+  cfg = mome_config.AnchorConfig(weight=1.0, seq_len=40, windows=3)
+  pool = anchors_lib.anchor_sequences(tok, template, cfg, [("q one", "a"), ("a much longer question, " * 3, "b")],
                               None, pad_id=0)
   assert pool["tokens"].shape == (2, 40) and pool["mask"].shape == (2, 40)
-  encoded = data_lib.encode_facts(tok, template, [data_lib.Fact("q one", "a", "x")], 10**9)[0]
+  encoded = encoding.encode_facts(tok, template, [facts_lib.Fact("q one", "a", "x")], 10**9)[0]
   n = len(encoded.tokens)
   assert n < 40
   np.testing.assert_array_equal(pool["tokens"][0, :n], encoded.tokens)
   assert pool["mask"][0].tolist() == [1.0] * n + [0.0] * (40 - n)
   assert pool["mask"][1].all()  # cut at seq_len
   with pytest.raises(ValueError, match="mome.anchor.weight"):
-    mtt.AnchorConfig(weight=-1.0)
+    mome_config.AnchorConfig(weight=-1.0)
   with pytest.raises(ValueError, match="needs anchor text"):
-    mtt.AnchorConfig(weight=1.0, windows=0, questions=0)
+    mome_config.AnchorConfig(weight=1.0, windows=0, questions=0)
   items = list(range(20))
-  train, held = data_lib.split_items(items, 6, 4, seed=2)
-  spare = data_lib.spare_items(items, 6, 4, seed=2, count=50)
+  train, held = facts_lib.split_items(items, 6, 4, seed=2)
+  spare = facts_lib.spare_items(items, 6, 4, seed=2, count=50)
   assert sorted(spare + train + held) == items
-  assert data_lib.spare_items(items, 6, 4, seed=2, count=3) == sorted(
-      data_lib.spare_items(items, 6, 4, seed=2, count=3))
-  assert set(data_lib.spare_items(items, 6, 4, seed=2, count=3)) <= set(spare)
+  assert facts_lib.spare_items(items, 6, 4, seed=2, count=3) == sorted(
+      facts_lib.spare_items(items, 6, 4, seed=2, count=3))
+  assert set(facts_lib.spare_items(items, 6, 4, seed=2, count=3)) <= set(spare)
 
 
 class _FakeTokenizer:
@@ -328,8 +347,8 @@ class _FakeTokenizer:
     return {"input_ids": [[3 + (ord(c) % 60) for c in t] for t in texts]}
 
 def test_step_zero_is_the_backbone_and_hinge_matches_float64(params):
-  model = mtt.mome_model(CFG, SPEC)
-  variables = {"params": params, **mtt.init_mome(model, SPEC.seed)}
+  model = mome_tuning.mome_model(CFG, SPEC)
+  variables = {"params": params, **mome_tuning.init_mome(model, SPEC.seed)}
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 11)))
   base, _ = model_lib.Transformer(CFG).apply({"params": params}, tokens)
   with_mome, _ = model.apply(variables, tokens)
@@ -340,7 +359,7 @@ def test_step_zero_is_the_backbone_and_hinge_matches_float64(params):
   toks = rng.integers(0, 13, (2, 7))
   mask = rng.random((2, 7)) < 0.7
   rows = rng.normal(size=(13, 5)).astype(np.float32)
-  got = mtt.decision_hinge(jnp.asarray(logits), jnp.asarray(toks), jnp.asarray(mask),
+  got = steps_lib.decision_hinge(jnp.asarray(logits), jnp.asarray(toks), jnp.asarray(mask),
                            jnp.asarray(rows), 0.3)
   total, count = 0.0, 0
   for b in range(2):
@@ -354,21 +373,21 @@ def test_step_zero_is_the_backbone_and_hinge_matches_float64(params):
   np.testing.assert_allclose(float(got), total / count, rtol=1e-5)
   far = np.zeros_like(logits)
   far[:, :-1] = np.eye(13, dtype=np.float32)[toks[:, 1:]] * 100.0  # every target wins by far
-  assert float(mtt.decision_hinge(jnp.asarray(far), jnp.asarray(toks), jnp.asarray(mask),
+  assert float(steps_lib.decision_hinge(jnp.asarray(far), jnp.asarray(toks), jnp.asarray(mask),
                                   jnp.asarray(rows), 0.3)) == 0.0
 
 
 def test_answer_positions_and_collisions_of_identical_facts(params, encoded):
-  tokens, pos = mtt.answer_positions(encoded[:2])
+  tokens, pos = inputs_lib.answer_positions(encoded[:2])
   for f, e in enumerate(encoded[:2]):
     n = len(e.tokens)
     assert pos[f].tolist() == [n - 6 <= t < n - 1 for t in range(tokens.shape[1])]
-  model = mtt.mome_model(CFG, SPEC)
-  variables = {"params": params, **mtt.init_mome(model, SPEC.seed)}
-  twins = mtt.fact_collisions(model, variables, [encoded[0], encoded[0]])["layers_2/mome"]
+  model = mome_tuning.mome_model(CFG, SPEC)
+  variables = {"params": params, **mome_tuning.init_mome(model, SPEC.seed)}
+  twins = collisions_lib.fact_collisions(model, variables, [encoded[0], encoded[0]])["layers_2/mome"]
   assert twins["experts_used"] == twins["shared_experts"] > 0
   assert twins["fraction_facts_with_collision"] == 1.0 and twins["max_facts_per_expert"] == 2
-  alone = mtt.fact_collisions(model, variables, encoded[:1])["layers_2/mome"]
+  alone = collisions_lib.fact_collisions(model, variables, encoded[:1])["layers_2/mome"]
   assert alone["shared_experts"] == 0 and alone["experts_used"] == twins["experts_used"]
 
 
@@ -378,12 +397,15 @@ def _windows():
 
 @pytest.mark.slow
 def test_kill_and_resume_equals_the_uninterrupted_run(params, encoded, tmp_path):
-  spec = dataclasses.replace(SPEC, generalization=mtt.GeneralizationConfig(
-      epochs=1, windows=6, seq_len=12, batch_size=3, router_learning_rate=1e-2,
-      expert_learning_rate=1e-2))
+  spec = dataclasses.replace(SPEC, generalization=mome_config.GeneralizationConfig(
+      epochs=1, windows=6, seq_len=12, batch_size=3,
+      router_optimizer=train_lib.OptimizerConfig(learning_rate=1e-2, multiply_by_parameter_scale=False),
+      expert_optimizer=train_lib.OptimizerConfig(learning_rate=1e-2, multiply_by_parameter_scale=False)))
   train = dataclasses.replace(TRAIN, checkpoint_every=1)
-  run = lambda run_dir, **kw: mtt.tune_mome(CFG, params, encoded, spec, train, pad_id=0,
-                                            run_dir=run_dir, label="mome-random", progress=False, **kw)
+  run = lambda run_dir, **kw: mome_tuning.tune_mome(
+      CFG, params, encoded, spec, train, pad_id=0, paths=runs.RunDir(run_dir).paths("mome-random"),
+      general_paths=runs.RunDir(run_dir).paths(runs.GENERAL_LABEL), label="mome-random",
+      progress=False, **kw)
   _, want, full = run(tmp_path / "a", general_windows=_windows())
   _, _, cut = run(tmp_path / "b", general_windows=_windows(), stop_after_steps=3)
   assert int(cut.state.step) == 3
@@ -392,18 +414,20 @@ def test_kill_and_resume_equals_the_uninterrupted_run(params, encoded, tmp_path)
   assert _leaves_equal(got, want)
   assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
   general = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["run"] == mtt.GENERAL_LABEL]
+             if json.loads(line)["run"] == mome_tuning.GENERAL_LABEL]
   assert len(general) == 1
   # Phase 1 trained the router and the table, away from their initial values.
-  fresh = mtt.init_mome(mtt.mome_model(CFG, spec), spec.seed)
-  assert not _leaves_equal(got[mome.ROUTER], fresh[mome.ROUTER])
+  fresh = mome_tuning.init_mome(mome_tuning.mome_model(CFG, spec), spec.seed)
+  assert not _leaves_equal(got[layer_lib.ROUTER], fresh[layer_lib.ROUTER])
   # A MoME run loads back from its directory (config.yaml as the experiment writes it).
-  (tmp_path / "b" / mt.CONFIG_FILE).write_text(yaml_config.dump(mt.RunConfig(mome=spec)))
-  _, loaded = mt.load_adapter(tmp_path / "b", "mome-random", CFG, params)
-  assert _leaves_equal(loaded, got)
+  (tmp_path / "b" / runs.CONFIG_FILE).write_text(yaml_config.dump(runs.RunConfig(mome=spec)))
+  backbone = runs.Backbone(CFG, params, None, None)
+  loaded = runs.load_trained(tmp_path / "b", "mome-random", backbone)
+  assert loaded.is_mome and _leaves_equal(loaded.variables, got)
   with pytest.raises(ValueError, match="another MoME configuration"):
-    mtt.generalize(mtt.mome_model(CFG, spec), params, dataclasses.replace(spec, seed=4), _windows(),
-                   pad_id=0, run_dir=tmp_path / "b", progress=False)
+    mome_tuning.generalize(mome_tuning.mome_model(CFG, spec), params, dataclasses.replace(spec, seed=4), _windows(),
+                           pad_id=0, paths=runs.RunDir(tmp_path / "b").paths(runs.GENERAL_LABEL),
+                           progress=False)
 
 
 def test_sharded_step_equals_unsharded(params, encoded):
@@ -414,13 +438,13 @@ def test_sharded_step_equals_unsharded(params, encoded):
   tokens, mask = _stack(encoded[:6])
   out = {}
   for name, mesh in (("plain", None), ("mesh", sharding.make_mesh(2, 4))):
-    model = mtt.mome_model(CFG, SPEC, mesh=mesh)
-    init = mtt.init_mome(model, SPEC.seed, mesh)
-    table = jax.tree.map(lambda a: a + 0.1, init[mome.TABLE])  # nonzero up: a real forward
-    frozen = mtt._replicate({"params": params, mome.ROUTER: init[mome.ROUTER],
-                             mome.BALANCE: init[mome.BALANCE]}, mesh)
-    state = mtt.tuning_state(table, tx, 0, mesh)
-    step = mtt.make_tuning_step(model, tx, mesh, margin=1.0)
+    model = mome_tuning.mome_model(CFG, SPEC, mesh=mesh)
+    init = mome_tuning.init_mome(model, SPEC.seed, mesh)
+    table = jax.tree.map(lambda a: a + 0.1, init[layer_lib.TABLE])  # nonzero up: a real forward
+    frozen = mome_tuning._replicate({"params": params, layer_lib.ROUTER: init[layer_lib.ROUTER],
+                             layer_lib.BALANCE: init[layer_lib.BALANCE]}, mesh)
+    state = mome_tuning.tuning_state(table, tx, 0, mesh)
+    step = steps_lib.make_tuning_step(model, tx, mesh, margin=1.0)
     losses = []
     for _ in range(2):
       state, metrics = step(state, frozen, tokens, mask)
@@ -438,26 +462,26 @@ def test_sharded_step_equals_unsharded(params, encoded):
 # The shared pretrained backbone.
 # ----------------------------------------------------------------------------
 
-STORIES_SPEC = mtt.MomeTuningConfig(
-    layers=(4,), num_experts=2**10, num_heads=4, top_k=4, balance=True, margin=1.0, seed=0,
-    generalization=mtt.GeneralizationConfig(epochs=0),
+STORIES_SPEC = mome_config.MomeTuningConfig(
+    layers=(4,), layer=mome_config.MomeConfig(num_experts=2**10, num_heads=4, top_k=4), balance=True, margin=1.0, seed=0,
+    generalization=mome_config.GeneralizationConfig(epochs=0),
     train=train_lib.TrainConfig(
         epochs=30, batch_size=8, seq_len=128, seed=0,
         optimizer=train_lib.OptimizerConfig(learning_rate=0.1, multiply_by_parameter_scale=False)))
-TEMPLATE = data_lib.PromptTemplate(train_eos=False)  # stories260K never learned </s>
+TEMPLATE = encoding.PromptTemplate(train_eos=False)  # stories260K never learned </s>
 
 
 @pytest.mark.slow
 def test_random_facts_are_recalled_exactly(stories, stories_tokenizer):
   cfg, params = stories
-  short = [i for i in data_lib.load_truthfulqa() if len(i.question) < 45]
-  items, _ = data_lib.split_items(short, 6, 0, seed=5)
-  facts = data_lib.truthfulqa_facts(items, "random", seed=5)
-  encoded = data_lib.encode_facts(stories_tokenizer, TEMPLATE, facts, 128)
-  prepared = mtt.prepare(cfg, params, encoded, STORIES_SPEC, pad_id=0)
-  hook = mt.recall_callback(prepared.model, prepared.variables_of, stories_tokenizer, facts, TEMPLATE,
+  short = [i for i in sources.load_truthfulqa() if len(i.question) < 45]
+  items, _ = facts_lib.split_items(short, 6, 0, seed=5)
+  facts = facts_lib.truthfulqa_facts(items, "random", seed=5)
+  encoded = encoding.encode_facts(stories_tokenizer, TEMPLATE, facts, 128)
+  prepared = mome_tuning.prepare(cfg, params, encoded, STORIES_SPEC, pad_id=0)
+  hook = eval_lib.recall_callback(prepared.model, prepared.variables_of, stories_tokenizer, facts, TEMPLATE,
                             every=5, stop_at_full=True)
-  model, variables, result = mtt.tune_mome(cfg, params, encoded, STORIES_SPEC, STORIES_SPEC.train,
+  model, variables, result = mome_tuning.tune_mome(cfg, params, encoded, STORIES_SPEC, STORIES_SPEC.train,
                                            pad_id=0, prepared=prepared, progress=False, on_epoch=hook)
   assert result.history[-1].get("recall") == 1.0 and len(result.history) <= 20
   rec = eval_lib.recall(model, variables, stories_tokenizer, facts, TEMPLATE)
@@ -471,13 +495,13 @@ def test_randomization_experiment_both_methods(tmp_path):
   overrides = [
       "data.n_train=4", "data.n_heldout=2", "train.epochs=2", "train.batch_size=4",
       "train.checkpoint_every=2", "eval.mmlu_questions=2", "eval.ppl_windows=2",
-      "eval.recall_every=1", "eval.table_rows=1", "mome.num_experts=1024", "mome.train.epochs=2",
+      "eval.recall_every=1", "eval.table_rows=1", "mome.layer.num_experts=1024", "mome.train.epochs=2",
       "mome.train.batch_size=4", "mome.train.checkpoint_every=2", "mome.recall_every=1",
       "mome.generalization.epochs=1", "mome.generalization.windows=4",
       "mome.generalization.seq_len=32", "mome.generalization.batch_size=4",
       "mome.anchor.windows=4", "mome.anchor.questions=4", "mome.anchor.batch_size=2",
       "method=both", f"run_dir={tmp_path / 'run'}"]
-  cfg = mt.load_run_config(randomization.DEFAULT_CONFIG, overrides)
+  cfg = runs.load_run_config(randomization.DEFAULT_CONFIG, overrides)
   summary = randomization.run(cfg, progress=False)
   labels = {"lora-real", "lora-random", "mome-real", "mome-random"}
   assert set(summary["models"]) == {"base"} | labels
@@ -490,9 +514,9 @@ def test_randomization_experiment_both_methods(tmp_path):
   assert set(mome_run["collisions"]) == {"unbalanced", "balanced"}
   assert mome_run["total_seconds"] >= mome_run["train_seconds"]
   records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-  assert {r["run"] for r in records} == labels | {mtt.GENERAL_LABEL}
+  assert {r["run"] for r in records} == labels | {mome_tuning.GENERAL_LABEL}
   assert "MoME run" in (tmp_path / "run" / "report.md").read_text()
-  cfg_loaded = mt.load_run_config(tmp_path / "run" / mt.CONFIG_FILE)
-  model_cfg, params, _, _ = mt.load_backbone(cfg_loaded.model)
-  model, variables = mt.load_adapter(tmp_path / "run", "mome-random", model_cfg, params)
-  assert model.mome_layers == cfg.mome.layers and mome.TABLE in variables
+  cfg_loaded = runs.load_run_config(tmp_path / "run" / runs.CONFIG_FILE)
+  loaded = runs.load_trained(tmp_path / "run", "mome-random")
+  assert loaded.config == cfg_loaded and loaded.model.mome_layers == cfg.mome.layers
+  assert layer_lib.TABLE in loaded.variables

@@ -1,7 +1,6 @@
 """The randomization experiment end to end on a tiny setting, and kill-and-resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 import pytest
 
 from experiments import randomization
-from lamini_jax import memory_tuning as mt
+from lamini_jax import runs
 from lamini_jax import yaml_config
 
 pytestmark = pytest.mark.slow  # every case here needs a whole (tiny) run of the experiment
@@ -23,7 +22,7 @@ TINY = ["data.n_train=8", "data.n_heldout=4", "train.epochs=4", "train.batch_siz
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   run_dir = tmp_path_factory.mktemp("run") / "tiny"
-  cfg = mt.load_run_config(randomization.DEFAULT_CONFIG, TINY + [f"run_dir={run_dir}"])
+  cfg = runs.load_run_config(randomization.DEFAULT_CONFIG, TINY + [f"run_dir={run_dir}"])
   return run_dir, randomization.run(cfg, progress=False)
 
 
@@ -48,15 +47,15 @@ def test_run_writes_every_artifact(tiny_run):
 
 def test_random_answers_are_trained_and_held_out_questions_are_not(tiny_run):
   run_dir, _ = tiny_run
-  cfg = mt.load_run_config(run_dir / "config.yaml")
-  facts, held, _ = mt.facts_and_heldout(cfg.data, "random")
+  cfg = runs.load_run_config(run_dir / "config.yaml")
+  facts, held, _ = runs.facts_and_heldout(cfg.data, "random")
   assert not {f.question for f in facts} & {i.question for i in held}
   assert all(len(f.answer) == 32 for f in facts)
 
 
 def test_existing_run_needs_resume(tiny_run):
   run_dir, _ = tiny_run
-  cfg = mt.load_run_config(run_dir / "config.yaml")
+  cfg = runs.load_run_config(run_dir / "config.yaml")
   with pytest.raises(yaml_config.ConfigError, match="--resume"):
     randomization.run(cfg, progress=False)
   assert randomization.main(["--set", "train.epochs=0", "--run-dir", str(run_dir)]) == 2
@@ -67,7 +66,7 @@ def test_sigkill_then_resume_finishes_with_the_same_metrics(tiny_run, tmp_path):
   run_dir = tmp_path / "killed"
   cmd = [sys.executable, "-m", "experiments.randomization", "--no-progress", "--run-dir", str(run_dir)]
   cmd += [arg for item in TINY for arg in ("--set", item)]
-  proc = subprocess.Popen(cmd, cwd=mt.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(cmd, cwd=runs.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpts = run_dir / "checkpoints" / "lora-random"
   deadline = time.time() + 300
   while not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
@@ -76,7 +75,7 @@ def test_sigkill_then_resume_finishes_with_the_same_metrics(tiny_run, tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (run_dir / "summary.json").exists()
-  done = subprocess.run(cmd + ["--resume"], cwd=mt.REPO, capture_output=True, text=True, timeout=600)
+  done = subprocess.run(cmd + ["--resume"], cwd=runs.REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-2000:]
   resumed = json.loads((run_dir / "summary.json").read_text())
   drop = ("train_seconds", "tuning_seconds")  # times differ
@@ -90,13 +89,13 @@ def test_sigkill_then_resume_finishes_with_the_same_metrics(tiny_run, tmp_path):
 def test_evaluate_cli_reloads_a_trained_adapter(tiny_run, tmp_path, capsys):
   from lamini_jax import evaluate
   run_dir, summary = tiny_run
-  cfg = mt.load_run_config(run_dir / "config.yaml")
-  facts, _, _ = mt.facts_and_heldout(cfg.data, "random")
+  cfg = runs.load_run_config(run_dir / "config.yaml")
+  facts, _, _ = runs.facts_and_heldout(cfg.data, "random")
   facts_file = tmp_path / "facts.jsonl"
   facts_file.write_text("".join(json.dumps({"question": f.question, "answer": f.answer}) + "\n"
                                 for f in facts))
   out = tmp_path / "metrics.json"
-  assert evaluate.main(["--model", mt.resolve_model_path(cfg.model.path), "--run", str(run_dir),
+  assert evaluate.main(["--model", runs.resolve_model_path(cfg.model.path), "--run", str(run_dir),
                         "--adapter", "lora-random", "--facts", str(facts_file), "--truthfulqa", "4",
                         "--json", str(out)]) == 0
   got = json.loads(out.read_text())
@@ -105,5 +104,5 @@ def test_evaluate_cli_reloads_a_trained_adapter(tiny_run, tmp_path, capsys):
   assert got["fact_loss"] == pytest.approx(want["fact_loss"], rel=1e-5)
   assert got["mc1"] == pytest.approx(want["mc1"]) and got["mc2"] == pytest.approx(want["mc2"], rel=1e-5)
   assert "recall" in capsys.readouterr().out
-  assert evaluate.main(["--model", mt.resolve_model_path(cfg.model.path), "--run", str(run_dir),
+  assert evaluate.main(["--model", runs.resolve_model_path(cfg.model.path), "--run", str(run_dir),
                         "--adapter", "nope"]) == 2

@@ -11,12 +11,17 @@ import numpy as np
 import optax
 import pytest
 
-from lamini_jax import mome, sharding
+from lamini_jax.mome import config as mome_config
+from lamini_jax.mome import layer as layer_lib
+from lamini_jax.mome import router as router_lib
+from lamini_jax.mome import sparse_optim
+from lamini_jax.mome import table as table_lib
+from lamini_jax import sharding
 
 # N = 264 = 8 * 33 experts, split 12 x 22 into product keys; odd widths. SiLU,
 # not GELU: tanh-GELU and its derivative are exactly 0 below about -6 in float32,
 # which would leave a selected expert with an exactly zero gradient.
-CFG = mome.MomeConfig(num_experts=264, embed_dim=13, expert_rank=3, num_heads=3, key_dim=10, top_k=5,
+CFG = mome_config.MomeConfig(num_experts=264, embed_dim=13, expert_rank=3, num_heads=3, key_dim=10, top_k=5,
                       activation="silu")
 TOKENS = 38  # even, for data = 2
 MESH_SHAPES = [(2, 4), (1, 8)]
@@ -68,9 +73,9 @@ def test_expert_table_is_never_silently_replicated():
   mesh = sharding.make_mesh(2, 4)
   replicate_experts = {**sharding.LOGICAL_RULES, "expert": None}
   with pytest.raises(ValueError, match="replicated"):
-    sharding.shardings_for(mome.TABLE_AXES, mesh, replicate_experts)
+    sharding.shardings_for(table_lib.TABLE_AXES, mesh, replicate_experts)
   # A one-device expert axis has nothing to split over: allowed.
-  sharding.shardings_for(mome.TABLE_AXES, sharding.make_mesh(8, 1), replicate_experts)
+  sharding.shardings_for(table_lib.TABLE_AXES, sharding.make_mesh(8, 1), replicate_experts)
 
   table = jax.device_put(_random_table(jax.random.PRNGKey(0)), NamedSharding(mesh, P()))
   with pytest.raises(ValueError, match="never replicated"):
@@ -96,16 +101,16 @@ def test_make_mesh_validates_sizes():
 
 def test_init_table_on_mesh_is_split_along_experts(mesh):
   num_shards = dict(mesh.shape)["expert"]
-  table = mome.init_table(jax.random.PRNGKey(1), CFG, mesh)
+  table = table_lib.init_table(jax.random.PRNGKey(1), CFG, mesh)
   for name, leaf in table.items():
     assert leaf.sharding.spec == P("expert", None, None), name
     shapes = {s.data.shape for s in leaf.addressable_shards}
     assert shapes == {(CFG.num_experts // num_shards,) + leaf.shape[1:]}, name
-  unsharded = mome.init_table(jax.random.PRNGKey(1), CFG)
+  unsharded = table_lib.init_table(jax.random.PRNGKey(1), CFG)
   for name in table:
     np.testing.assert_array_equal(np.asarray(table[name]), np.asarray(unsharded[name]))
 
-  opt_state = mome.init_expert_opt_state(table, optax.adafactor(1e-2), mesh)
+  opt_state = sparse_optim.init_expert_opt_state(table, optax.adafactor(1e-2), mesh)
   for leaf in jax.tree.leaves(opt_state):
     assert leaf.shape[0] == CFG.num_experts
     assert {s.data.shape[0] for s in leaf.addressable_shards} == {CFG.num_experts // num_shards}
@@ -115,9 +120,9 @@ def test_key_rows_of_a_sharded_table_stay_sharded_and_equal_unsharded(mesh):
   keyed_cfg = dataclasses.replace(CFG, activation="relu", threshold=2.0)
   rng = np.random.default_rng(3)
   idx_PxK, x_PxD = rng.integers(0, CFG.num_experts, (9, 4)), rng.normal(size=(9, CFG.embed_dim))
-  keyed = mome.key_rows(mome.init_table(jax.random.PRNGKey(1), keyed_cfg, mesh), idx_PxK, x_PxD,
+  keyed = table_lib.key_rows(table_lib.init_table(jax.random.PRNGKey(1), keyed_cfg, mesh), idx_PxK, x_PxD,
                         keyed_cfg, 0.8)
-  want = mome.key_rows(mome.init_table(jax.random.PRNGKey(1), keyed_cfg), idx_PxK, x_PxD, keyed_cfg, 0.8)
+  want = table_lib.key_rows(table_lib.init_table(jax.random.PRNGKey(1), keyed_cfg), idx_PxK, x_PxD, keyed_cfg, 0.8)
   for name, leaf in keyed.items():
     assert leaf.sharding.spec == P("expert", None, None), name
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want[name]))
@@ -125,62 +130,62 @@ def test_key_rows_of_a_sharded_table_stay_sharded_and_equal_unsharded(mesh):
 
 def test_sharded_forward_equals_unsharded(mesh):
   table = _random_table(jax.random.PRNGKey(2))
-  router = mome.init_router(jax.random.PRNGKey(3), CFG)
+  router = router_lib.init_router(jax.random.PRNGKey(3), CFG)
   x, _ = _batch(4)
-  idx, w = mome.route(router, x, CFG)
-  y = jax.jit(functools.partial(mome.apply_experts, cfg=CFG))(x, idx, w, table)
-  shardings = sharding.shardings_for(mome.TABLE_AXES, mesh)
+  idx, w = router_lib.route(router, x, CFG)
+  y = jax.jit(functools.partial(table_lib.apply_experts, cfg=CFG))(x, idx, w, table)
+  shardings = sharding.shardings_for(table_lib.TABLE_AXES, mesh)
   table_sharded = jax.device_put(table, shardings)
   x_sharded = jax.device_put(x, NamedSharding(mesh, P("data", None)))
-  y_sharded = jax.jit(functools.partial(mome.apply_experts, cfg=CFG, mesh=mesh))(
+  y_sharded = jax.jit(functools.partial(table_lib.apply_experts, cfg=CFG, mesh=mesh))(
       x_sharded, idx, w, table_sharded)
   # Per-shard partial sums are added by psum: float32 reassociation only.
   np.testing.assert_allclose(np.asarray(y_sharded), np.asarray(y), rtol=1e-5, atol=1e-6)
 
-  rows = mome.gather_rows(table, mome.unique_rows(idx, CFG.num_experts)[0])
-  uniq = mome.unique_rows(idx, CFG.num_experts)[0]
-  rows_sharded = jax.jit(functools.partial(mome.gather_rows, mesh=mesh))(table_sharded, uniq)
+  rows = table_lib.gather_rows(table, table_lib.unique_rows(idx, CFG.num_experts)[0])
+  uniq = table_lib.unique_rows(idx, CFG.num_experts)[0]
+  rows_sharded = jax.jit(functools.partial(table_lib.gather_rows, mesh=mesh))(table_sharded, uniq)
   real = np.asarray(uniq) < CFG.num_experts
   for name in rows:  # one owner per row, zeros elsewhere: exact
     np.testing.assert_array_equal(np.asarray(rows_sharded[name])[real], np.asarray(rows[name])[real])
 
 
 def test_sharded_module_forward_equals_unsharded(mesh):
-  layer = mome.MomeLayer(CFG)
+  layer = layer_lib.MomeLayer(CFG)
   x = jax.random.normal(jax.random.PRNGKey(5), (2, TOKENS // 2, CFG.embed_dim))
   variables = nn.unbox(jax.jit(layer.init)({"params": jax.random.PRNGKey(6)}, x))
-  variables[mome.TABLE] = jax.device_put(
-      _random_table(jax.random.PRNGKey(7)), sharding.shardings_for(mome.TABLE_AXES, mesh))
+  variables[layer_lib.TABLE] = jax.device_put(
+      _random_table(jax.random.PRNGKey(7)), sharding.shardings_for(table_lib.TABLE_AXES, mesh))
   y = jax.jit(layer.apply)(variables, x)
-  y_sharded = jax.jit(mome.MomeLayer(CFG, mesh=mesh).apply)(variables, x)
+  y_sharded = jax.jit(layer_lib.MomeLayer(CFG, mesh=mesh).apply)(variables, x)
   np.testing.assert_allclose(np.asarray(y_sharded), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
 def _loss(rows, idx_TxK, w_TxK, x_TxD, target_TxD):
-  y_TxD = mome.apply_experts(x_TxD, idx_TxK, w_TxK, rows, CFG)
+  y_TxD = table_lib.apply_experts(x_TxD, idx_TxK, w_TxK, rows, CFG)
   return jnp.mean((y_TxD - target_TxD) ** 2)
 
 
 def _tuning_step(tx, mesh):
   def step(table, opt_state, router, x, target):
-    idx, w = mome.route(router, x, CFG)
-    loss, g_rows, uniq = mome.row_grads(_loss, table, idx, w, x, target, mesh=mesh)
-    table, opt_state = mome.sparse_step(table, opt_state, g_rows, uniq, tx=tx, mesh=mesh)
+    idx, w = router_lib.route(router, x, CFG)
+    loss, g_rows, uniq = sparse_optim.row_grads(_loss, table, idx, w, x, target, mesh=mesh)
+    table, opt_state = sparse_optim.sparse_step(table, opt_state, g_rows, uniq, tx=tx, mesh=mesh)
     return table, opt_state, loss, idx
   return jax.jit(step, donate_argnames=("table", "opt_state"))
 
 
 def _put(mesh, table, x, target):
-  table = jax.device_put(table, sharding.shardings_for(mome.TABLE_AXES, mesh))
+  table = jax.device_put(table, sharding.shardings_for(table_lib.TABLE_AXES, mesh))
   return (table,) + jax.device_put((x, target), NamedSharding(mesh, P("data", None)))
 
 
 def test_sharded_row_grads_equal_unsharded(mesh):
-  router = mome.init_router(jax.random.PRNGKey(8), CFG)
+  router = router_lib.init_router(jax.random.PRNGKey(8), CFG)
   x, target = _batch(9)
   table = _random_table(jax.random.PRNGKey(10))
-  idx, w = mome.route(router, x, CFG)
-  grads = lambda m: jax.jit(functools.partial(mome.row_grads, _loss, mesh=m))
+  idx, w = router_lib.route(router, x, CFG)
+  grads = lambda m: jax.jit(functools.partial(sparse_optim.row_grads, _loss, mesh=m))
   loss, g_rows, uniq = grads(None)(table, idx, w, x, target)
   table_sh, x_sh, target_sh = _put(mesh, table, x, target)
   sh_loss, sh_g_rows, sh_uniq = grads(mesh)(table_sh, idx, w, x_sh, target_sh)
@@ -195,15 +200,15 @@ def test_sharded_sparse_update_equals_unsharded(mesh):
   # Same row gradients on both sides: each expert shard updates exactly the rows it owns.
   tx = optax.adafactor(3e-2)
   table = _random_table(jax.random.PRNGKey(11))
-  ref_table, ref_state = table, mome.init_expert_opt_state(table, tx)
-  sh_table = jax.device_put(table, sharding.shardings_for(mome.TABLE_AXES, mesh))
-  sh_state = mome.init_expert_opt_state(sh_table, tx, mesh)
-  ref_step = jax.jit(functools.partial(mome.sparse_step, tx=tx), donate_argnames=("table", "opt_state"))
-  sh_step = jax.jit(functools.partial(mome.sparse_step, tx=tx, mesh=mesh),
+  ref_table, ref_state = table, sparse_optim.init_expert_opt_state(table, tx)
+  sh_table = jax.device_put(table, sharding.shardings_for(table_lib.TABLE_AXES, mesh))
+  sh_state = sparse_optim.init_expert_opt_state(sh_table, tx, mesh)
+  ref_step = jax.jit(functools.partial(sparse_optim.sparse_step, tx=tx), donate_argnames=("table", "opt_state"))
+  sh_step = jax.jit(functools.partial(sparse_optim.sparse_step, tx=tx, mesh=mesh),
                     donate_argnames=("table", "opt_state"))
   for s in range(3):
     idx = jax.random.randint(jax.random.PRNGKey(20 + s), (TOKENS, CFG.slots), 0, 200)
-    uniq, _ = mome.unique_rows(idx, CFG.num_experts)
+    uniq, _ = table_lib.unique_rows(idx, CFG.num_experts)
     g_rows = _random_table(jax.random.PRNGKey(30 + s), rows=uniq.shape[0])
     ref_table, ref_state = ref_step(ref_table, ref_state, g_rows, uniq)
     sh_table, sh_state = sh_step(sh_table, sh_state, g_rows, uniq)
@@ -215,11 +220,11 @@ def test_sharded_sparse_update_equals_unsharded(mesh):
 
 def test_sharded_steps_touch_only_selected_rows(mesh):
   tx = optax.adafactor(3e-2)
-  router = mome.init_router(jax.random.PRNGKey(8), CFG)
+  router = router_lib.init_router(jax.random.PRNGKey(8), CFG)
   x, target = _batch(9)
   start = _random_table(jax.random.PRNGKey(12))
   table, x_sh, target_sh = _put(mesh, start, x, target)
-  opt_state = mome.init_expert_opt_state(table, tx, mesh)
+  opt_state = sparse_optim.init_expert_opt_state(table, tx, mesh)
   step = _tuning_step(tx, mesh)
   losses = []
   for _ in range(3):

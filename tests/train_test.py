@@ -5,30 +5,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lamini_jax import data as data_lib
+from lamini_jax.data import encoding
+from lamini_jax.data import facts as facts_lib
+from lamini_jax.data import sources
 from lamini_jax import evaluate as eval_lib
-from lamini_jax import memory_tuning as mt
-from lamini_jax import model as model_lib
-from lamini_jax import train as train_lib
 from lamini_jax.lora import LoraConfig
+from lamini_jax import lora_tuning
+from lamini_jax import model as model_lib
+from lamini_jax import runs
+from lamini_jax import train as train_lib
 
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "o", "up", "down"))
 FAST = train_lib.TrainConfig(
     epochs=100, batch_size=8, seq_len=128, seed=3,
     optimizer=train_lib.OptimizerConfig(learning_rate=1e-2, multiply_by_parameter_scale=False))
-TEMPLATE = data_lib.PromptTemplate(train_eos=False)  # stories260K never learned </s>
+TEMPLATE = encoding.PromptTemplate(train_eos=False)  # stories260K never learned </s>
 
 
 @pytest.fixture(scope="module")
 def facts():
-  short = [i for i in data_lib.load_truthfulqa() if len(i.question) < 45]
-  train_items, _ = data_lib.split_items(short, 6, 0, seed=5)
-  return data_lib.truthfulqa_facts(train_items, "random", seed=5)
+  short = [i for i in sources.load_truthfulqa() if len(i.question) < 45]
+  train_items, _ = facts_lib.split_items(short, 6, 0, seed=5)
+  return facts_lib.truthfulqa_facts(train_items, "random", seed=5)
 
 
 @pytest.fixture(scope="module")
 def encoded(facts, stories_tokenizer):
-  return data_lib.encode_facts(stories_tokenizer, TEMPLATE, facts, 128)
+  return encoding.encode_facts(stories_tokenizer, TEMPLATE, facts, 128)
 
 
 def test_token_nll_matches_float64_reference():
@@ -49,7 +52,7 @@ def test_token_nll_matches_float64_reference():
 def test_lora_step_zero_reproduces_base_logits_exactly(stories):
   cfg, params = stories
   lora_model = model_lib.Transformer(cfg, lora=LORA)
-  state = train_lib.init_lora_state(lora_model, FAST.optimizer.build(), seed=0)
+  state = lora_tuning.init_lora_state(lora_model, FAST.optimizer.build(), seed=0)
   tokens = jnp.asarray(np.random.default_rng(1).integers(3, 512, (2, 13)))
   base, _ = model_lib.Transformer(cfg).apply({"params": params}, tokens)
   adapted, _ = lora_model.apply({"params": params, "lora": state.trainable}, tokens)
@@ -62,8 +65,8 @@ def test_lora_step_zero_reproduces_base_logits_exactly(stories):
 def trained(stories, stories_tokenizer, facts, encoded):
   cfg, params = stories
   before = jax.tree.map(np.array, params)
-  model, variables, result = mt.tune_lora(cfg, params, encoded, LORA, FAST, pad_id=0, progress=False,
-                                          on_epoch=mt.recall_callback(
+  model, variables, result = lora_tuning.tune_lora(cfg, params, encoded, LORA, FAST, pad_id=0, progress=False,
+                                          on_epoch=eval_lib.recall_callback(
                                               model_lib.Transformer(cfg, lora=LORA),
                                               lambda s: {"params": params, "lora": s.trainable},
                                               stories_tokenizer, facts, TEMPLATE, every=10,
@@ -101,13 +104,13 @@ def test_kill_and_resume_equals_uninterrupted(stories, encoded, tmp_path):
   cfg, params = stories
   tc = train_lib.TrainConfig(epochs=3, batch_size=4, seq_len=128, seed=1, checkpoint_every=2,
                              optimizer=FAST.optimizer)
-  _, full_vars, full = mt.tune_lora(cfg, params, encoded, LORA, tc, pad_id=0, progress=False,
-                                    run_dir=tmp_path / "full")
+  _, full_vars, full = lora_tuning.tune_lora(cfg, params, encoded, LORA, tc, pad_id=0, progress=False,
+                                    paths=runs.RunDir(tmp_path / "full").paths("lora"))
   # Stop after 3 steps (mid-epoch 1; the last checkpoint is at step 2), then resume.
-  mt.tune_lora(cfg, params, encoded, LORA, tc, pad_id=0, progress=False, run_dir=tmp_path / "cut",
+  lora_tuning.tune_lora(cfg, params, encoded, LORA, tc, pad_id=0, progress=False, paths=runs.RunDir(tmp_path / "cut").paths("lora"),
                stop_after_steps=3)
-  _, vars_, resumed = mt.tune_lora(cfg, params, encoded, LORA, tc, pad_id=0, progress=False,
-                                   run_dir=tmp_path / "cut", resume=True)
+  _, vars_, resumed = lora_tuning.tune_lora(cfg, params, encoded, LORA, tc, pad_id=0, progress=False,
+                                   paths=runs.RunDir(tmp_path / "cut").paths("lora"), resume=True)
   jax.tree.map(np.testing.assert_array_equal, full_vars["lora"], vars_["lora"])
   strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h]
   assert strip(resumed.history) == strip(full.history) and len(full.history) == 3

@@ -2,34 +2,34 @@
 
 import pytest
 
-from lamini_jax import memory_tuning as mt
+from lamini_jax import runs
+from lamini_jax.runs import REPO
 from lamini_jax import yaml_config
-from lamini_jax.memory_tuning import REPO
 
 
 def test_default_config_loads_and_overrides_apply():
-  cfg = mt.load_run_config(REPO / "configs" / "randomization_cpu.yaml",
+  cfg = runs.load_run_config(REPO / "configs" / "randomization_cpu.yaml",
                            ["train.optimizer.learning_rate=1e-3", "lora.targets=[q, v]",
                             "data.n_train=17", "train.stop_loss=null"])
   assert cfg.train.optimizer.learning_rate == 1e-3
   assert cfg.lora.targets == ("q", "v") and cfg.data.n_train == 17 and cfg.train.stop_loss is None
-  assert yaml_config.from_dict(mt.RunConfig, yaml_config.to_dict(cfg)) == cfg
+  assert yaml_config.from_dict(runs.RunConfig, yaml_config.to_dict(cfg)) == cfg
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(config):
-  yaml_config.load(mt.RunConfig, config)
+  yaml_config.load(runs.RunConfig, config)
 
 
 def test_errors_name_the_file_and_field(tmp_path):
   bad = tmp_path / "bad.yaml"
   bad.write_text("train:\n  epochz: 3\n")
   with pytest.raises(yaml_config.ConfigError, match=r"bad.yaml.*train: unknown field 'epochz'"):
-    mt.load_run_config(bad)
+    runs.load_run_config(bad)
   bad.write_text("train:\n  epochs: many\n")
   with pytest.raises(yaml_config.ConfigError, match=r"bad.yaml.*train.epochs: expected an integer, got 'many'"):
-    mt.load_run_config(bad)
+    runs.load_run_config(bad)
   with pytest.raises(yaml_config.ConfigError, match=r"train: train.batch_size must be positive"):
-    mt.load_run_config(None, ["train.batch_size=0"])
+    runs.load_run_config(None, ["train.batch_size=0"])
   with pytest.raises(yaml_config.ConfigError, match="does not exist"):
-    mt.load_run_config(tmp_path / "missing.yaml")
+    runs.load_run_config(tmp_path / "missing.yaml")

@@ -1,6 +1,6 @@
 """Gather-apply in Triton for GPU, called from JAX through jax-triton.
 
-The op and its backward are composed in `kernels.gather_apply` from two
+The op and its backward are composed in `lamini_jax_kernels.gather_apply` from two
 gathered row contractions, which this file implements as Triton kernels
 (`triton.language`, official Triton; not Pallas' deprecated Triton backend).
 Each program loads the selected indices and gathers its table rows by pointer
@@ -37,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels import gather_apply as ga
+from lamini_jax_kernels import gather_apply as ga
 
 try:
   import triton
@@ -65,7 +65,7 @@ def require() -> None:
   if not available():
     reason = "triton is not installed" if triton is None else f"jax_triton: {JAX_TRITON_ERROR}"
     raise ImportError(
-        "kernels.gpu.gather_apply needs triton and jax-triton on a CUDA jaxlib (the `gpu` extra,"
+        "lamini_jax_kernels.gpu.gather_apply needs triton and jax-triton on a CUDA jaxlib (the `gpu` extra,"
         f" pip install 'lamini-jax[gpu]', with jax's CUDA wheels); {reason}")
 
 
@@ -213,7 +213,7 @@ def make(block_sizes: BlockSizes = BlockSizes()) -> ga.GatherApplyFn:
 
 def gather_apply(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation, *,
                  block_sizes: BlockSizes = BlockSizes()):
-  """y_TxD; see `kernels.gather_apply` for the math, its custom_vjp for gradients."""
+  """y_TxD; see `lamini_jax_kernels.gather_apply` for the math, its custom_vjp for gradients."""
   return make(block_sizes)(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation)
 
 

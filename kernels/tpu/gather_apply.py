@@ -1,6 +1,6 @@
 """Gather-apply in Pallas for TPU (Mosaic); on CPU it runs in TPU interpret mode.
 
-The op and its backward are composed in `kernels.gather_apply` from two
+The op and its backward are composed in `lamini_jax_kernels.gather_apply` from two
 gathered row contractions, which this file implements as Pallas kernels. The
 selected expert indices are scalar-prefetched into SMEM, so each grid step's
 BlockSpec index_map picks its table row (`idx_ref[p]`) and the pipeline DMAs
@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
-from kernels import gather_apply as ga
+from lamini_jax_kernels import gather_apply as ga
 
 Interpret = bool | pltpu.InterpretParams
 
@@ -225,7 +225,7 @@ def make(block_sizes: BlockSizes = BlockSizes(), interpret: Interpret = False) -
 
 def gather_apply(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation, *,
                  block_sizes: BlockSizes = BlockSizes(), interpret: Interpret = False):
-  """y_TxD; see `kernels.gather_apply` for the math, its custom_vjp for gradients."""
+  """y_TxD; see `lamini_jax_kernels.gather_apply` for the math, its custom_vjp for gradients."""
   return make(block_sizes, interpret)(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation)
 
 

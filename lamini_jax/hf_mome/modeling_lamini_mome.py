@@ -3,7 +3,7 @@
 Shipped inside lamini-jax MoME exports and loaded by
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`; needs only
 torch and transformers. The numerics mirror `lamini_jax.mome.route` and
-`kernels.gather_apply.gather_apply_reference`.
+`lamini_jax_kernels.gather_apply.gather_apply_reference`.
 
 A MoME layer is a residual branch beside the MLP of the configured decoder
 layers and reads the MLP's input x (the post-attention RMSNorm output):

@@ -1,23 +1,15 @@
-"""What memorization costs: the paper's compute estimate and memory-tuning run prices.
+"""The paper's cost claim, rebuilt from stated assumptions.
 
 The paper (arXiv 2406.17642, section 1) prices "banishing hallucinations" on a Llama 3
-400B-scale model trained for 100 epochs with the Chinchilla recipe. `paper_scenario`
-rebuilds each of its figures from the explicit `Assumptions`, `compare` puts them beside
-the paper's, and `findings` says in words where the paper's figures disagree.
+400B-scale model trained for 100 epochs with the Chinchilla recipe: 3.43e24 FLOPs, 3 months
+on 350,000 MI300X, 350 MW, $68M of power and the CO2 of 62,000 US households.
+`paper_scenario` rebuilds each figure from the explicit `Assumptions`, `compare` puts them
+beside the paper's, and `findings` says in words where the paper's figures disagree.
 
-FLOP convention (model FLOPs, as used for MFU in PaLM, Chowdhery et al. 2023, app. B;
-rematerialisation is not counted). Per token, a matmul weight with P parameters costs
-2P forward. Backward costs 2P for the activation gradient, plus 2P for the weight
-gradient if the weight trains. So a frozen backbone of N_f matmul parameters and a
-trainable part of N_t parameters touched per token cost
-
-    forward 2 (N_f + N_t) + A,   backward 2 N_f + 4 N_t + 2 A,
-
-where A = 4 L T d is the forward attention (scores Q K^T and probs V, full T x T, not
-halved for the causal mask, as in PaLM) for L layers, sequence length T and attention
-width d = heads * head_dim. Full training (N_f = 0) gives the familiar 6 N per token.
-The input embedding is a lookup and is not a matmul parameter; a tied embedding counts
-once, as the output head. Tokens are real tokens (packed, no padding).
+The hardware facts (`Accelerator`, `ACCELERATORS`, `Cluster`) and `estimate` (time,
+energy and money of a number of FLOPs) live here too; `lamini_jax.flops` uses them to
+price memory-tuning runs. Training FLOPs here are C = 6 N D (Kaplan et al. 2020), the
+full-training case of `flops.model_flops_per_token`.
 """
 
 from __future__ import annotations
@@ -314,128 +306,3 @@ def findings(a: Assumptions, p: PaperFigures = PAPER) -> list[str]:
       f"Read as electricity instead, each of {p.households:,.0f} homes would use "
       f"{kwh / p.households:,.0f} kWh a year, against {a.household_kwh_per_year:,.0f} (EIA).")
   return out
-
-
-# ----------------------------------------------------------------- memory-tuning runs
-
-
-def attention_flops_per_token(num_layers: int, seq_len: float, attn_dim: int) -> float:
-  """Forward FLOPs of Q K^T and probs V per token: 4 L T d (full T x T, PaLM convention)."""
-  return 4.0 * num_layers * seq_len * attn_dim
-
-
-def model_flops_per_token(frozen_params: float, trainable_params: float = 0.0, *,
-                          attention_flops: float = 0.0, backward: bool = True) -> float:
-  """Model FLOPs per token for frozen and trainable matmul parameters (module docstring).
-
-  `attention_flops` is the forward attention cost (`attention_flops_per_token`).
-  With `backward=False` this is the forward (inference / eval) cost.
-  """
-  forward = 2.0 * (frozen_params + trainable_params) + attention_flops
-  if not backward:
-    return forward
-  return forward + 2.0 * frozen_params + 4.0 * trainable_params + 2.0 * attention_flops
-
-
-def mfu(tokens_per_second: float, flops_per_token: float, accelerator: Accelerator,
-        count: int = 1) -> float:
-  """Model FLOPs utilisation of a measured throughput."""
-  return tokens_per_second * flops_per_token / (accelerator.peak_flops_bf16 * count)
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-  """A memory-tuning run on a frozen backbone.
-
-  `backbone_params`: frozen matmul parameters per token (see `llama_matmul_params`).
-  `trainable_params`: trainable parameters touched per token (LoRA: all adapters; MoME:
-  top-K experts x expert size). `router_params`: frozen router / index matmul parameters
-  touched per token (MoME), costed like the backbone. `attention_flops`: forward attention
-  FLOPs per token. `tokens_per_epoch`: facts x tokens per fact.
-  """
-
-  backbone_params: float
-  trainable_params: float
-  tokens_per_epoch: float
-  epochs: float
-  router_params: float = 0.0
-  attention_flops: float = 0.0
-
-  def __post_init__(self):
-    _positive(self, "backbone_params", "trainable_params", "tokens_per_epoch", "epochs")
-    if self.router_params < 0 or self.attention_flops < 0:
-      raise ValueError(f"Workload.router_params and attention_flops must be >= 0, got "
-                       f"{self.router_params!r}, {self.attention_flops!r}")
-
-  @property
-  def flops_per_token(self) -> float:
-    return model_flops_per_token(self.backbone_params + self.router_params, self.trainable_params,
-                                 attention_flops=self.attention_flops)
-
-
-def memory_tuning_flops(w: Workload) -> float:
-  return w.flops_per_token * w.tokens_per_epoch * w.epochs
-
-
-def price_run(w: Workload, cluster: Cluster) -> Estimate:
-  return estimate(memory_tuning_flops(w), cluster)
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaShape:
-  """Llama shapes under the field names of `lamini_jax.config.ModelConfig` (either works)."""
-
-  vocab_size: int
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  tie_word_embeddings: bool = False
-
-
-# meta-llama/Meta-Llama-3-8B config.json.
-LLAMA3_8B = LlamaShape(vocab_size=128_256, hidden_size=4096, intermediate_size=14_336, num_layers=32,
-                       num_heads=32, num_kv_heads=8, head_dim=128)
-
-
-def projection_shapes(s) -> dict[str, tuple[int, int]]:
-  """(fan_in, fan_out) of each projection of one decoder layer."""
-  d, f = s.hidden_size, s.intermediate_size
-  q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-  return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d),
-          "gate": (d, f), "up": (d, f), "down": (f, d)}
-
-
-def llama_matmul_params(s) -> int:
-  """Matmul parameters per token: all layers' projections plus the output head."""
-  per_layer = sum(i * o for i, o in projection_shapes(s).values())
-  return s.num_layers * per_layer + s.vocab_size * s.hidden_size
-
-
-def lora_params(s, rank: int, targets=("q", "k", "v", "o", "gate", "up", "down")) -> int:
-  """LoRA parameters: rank x (fan_in + fan_out) per targeted projection per layer."""
-  shapes = projection_shapes(s)
-  unknown = [t for t in targets if t not in shapes]
-  if unknown:
-    raise ValueError(f"unknown LoRA targets {unknown}; choose from {', '.join(shapes)}")
-  return s.num_layers * rank * sum(sum(shapes[t]) for t in targets)
-
-
-# Appendix A run: TruthfulQA has 817 questions (the paper used "a subset", so this is an
-# upper bound). 48 tokens per fact: question 15.3 tokens (with BOS) + a random 32-character
-# answer 26.4 tokens, measured with the Llama 2 tokenizer, + ~6 template tokens.
-TRUTHFULQA_FACTS = 817
-TOKENS_PER_FACT = 48
-
-
-def llama3_8b_lora_workload(rank: int = 32, facts: int = TRUTHFULQA_FACTS,
-                            tokens_per_fact: int = TOKENS_PER_FACT, epochs: float = 100.0) -> Workload:
-  """The paper's Appendix A run: Llama 3 8B, LoRA on every projection, 100 epochs."""
-  s = LLAMA3_8B
-  return Workload(
-      backbone_params=llama_matmul_params(s), trainable_params=lora_params(s, rank),
-      tokens_per_epoch=facts * tokens_per_fact, epochs=epochs,
-      attention_flops=attention_flops_per_token(s.num_layers, tokens_per_fact,
-                                                s.num_heads * s.head_dim))

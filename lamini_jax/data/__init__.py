@@ -1,0 +1,1 @@
+"""Host-side data: dataset sources, facts, prompt encoding and batches (numpy)."""

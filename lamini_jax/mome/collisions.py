@@ -1,0 +1,173 @@
+"""Collisions (facts sharing an expert, the paper's failure mode) and the balance that reduces them.
+
+`collision_report` counts experts shared by two or more facts; `fact_collisions`
+reports it per MoME layer over the facts' answer positions. `balance_router`
+sets a frozen per-sub-key selection bias that spreads the given tokens over the
+sub-keys (auxiliary-loss-free load balancing), and `balance_facts` runs it layer
+by layer on the facts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lamini_jax.data import encoding
+from lamini_jax.model import Transformer
+from lamini_jax.mome.config import MomeConfig
+from lamini_jax.mome.inputs import fact_inputs, layer_key, layer_paths, tree_get, tree_set
+from lamini_jax.mome.layer import BALANCE, ROUTER, TABLE
+from lamini_jax.mome.router import half_scores, route_jit, select_experts, zero_balance
+
+
+@dataclasses.dataclass(frozen=True)
+class CollisionReport:
+  """How often facts share experts.
+
+  facts_per_expert_hist[c] is the number of experts selected by exactly c facts
+  (index 0 unused); pair_collisions = sum over experts of C(c, 2).
+  """
+  num_facts: int
+  experts_used: int
+  shared_experts: int
+  facts_with_collision: int
+  fraction_facts_with_collision: float
+  pair_collisions: int
+  facts_per_expert_hist: np.ndarray
+
+
+def fact_experts(idx_TxK: np.ndarray, fact_T: np.ndarray, num_facts: int) -> list[np.ndarray]:
+  """The union of the experts selected by each fact's tokens (fact_T[t] < 0: no fact)."""
+  idx_TxK, fact_T = np.asarray(idx_TxK), np.asarray(fact_T)
+  return [np.unique(idx_TxK[fact_T == f]) for f in range(num_facts)]
+
+
+def collision_report(experts_per_fact: Sequence[np.ndarray]) -> CollisionReport:
+  """Counts experts shared by two or more facts. Negative entries are padding."""
+  sets = [np.unique(np.asarray(e)[np.asarray(e) >= 0]) for e in experts_per_fact]
+  every = np.concatenate(sets) if sets else np.zeros((0,), np.int64)
+  fact_of = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
+  experts, inv, counts = np.unique(every, return_inverse=True, return_counts=True)
+  shared = experts[counts >= 2]
+  colliding = np.unique(fact_of[counts[inv] >= 2]).size  # one pass, not an isin per fact
+  num_facts = len(sets)
+  return CollisionReport(
+      num_facts=num_facts,
+      experts_used=int(experts.size),
+      shared_experts=int(shared.size),
+      facts_with_collision=int(colliding),
+      fraction_facts_with_collision=colliding / num_facts if num_facts else 0.0,
+      pair_collisions=int((counts * (counts - 1) // 2).sum()),
+      facts_per_expert_hist=np.bincount(counts, minlength=2),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rounds", "rate"))
+def balance_router(
+    router: dict[str, jax.Array],
+    x_TxD: jax.Array,
+    cfg: MomeConfig,
+    *,
+    rounds: int = 100,
+    rate: float = 0.05,
+) -> dict[str, jax.Array]:
+  """A frozen selection bias that spreads the given tokens over the sub-keys.
+
+  Collision mitigation, run once between phase 1 and phase 2 on the hidden
+  states x_TxD of the facts' tokens at this layer. Each round routes the
+  tokens with the current bias, counts how often each sub-key of each head is
+  selected, and moves the bias of over-used sub-keys down and of under-used
+  ones up (sign updates, as in auxiliary-loss-free load balancing) by a step
+  that decays linearly from rate * std(scores) to 0. Facts that attend to the
+  same popular keys are pushed onto different ones, so fewer facts share an
+  expert.
+
+  The bias is additive per sub-key, so product-key top-k stays exact; it shifts
+  selection only (weights use the unbiased scores). It is deterministic and,
+  stored in "mome_balance" and never differentiated, it is part of the frozen
+  router in phase 2 and at inference, where it selects the same experts.
+  """
+  if rounds < 0 or rate < 0:
+    raise ValueError(f"balance_router: rounds={rounds} and rate={rate} must be >= 0")
+  s1_AxTxI, s2_AxTxJ = half_scores(router, x_TxD)
+  n2 = cfg.grid[1]
+  base_step = rate * jnp.std(jnp.concatenate([s1_AxTxI.ravel(), s2_AxTxJ.ravel()]))
+  heads_Ax1x1 = jnp.arange(cfg.num_heads)[:, None, None]
+
+  def rebalance(bias_AxI, sub_AxTxM, step):
+    counts_AxI = jnp.zeros(bias_AxI.shape).at[heads_Ax1x1, sub_AxTxM].add(1.0)
+    return bias_AxI - step * jnp.sign(counts_AxI - counts_AxI.mean(axis=-1, keepdims=True))
+
+  q_AxTxQ = jnp.einsum("TD,DAQ->ATQ", x_TxD, router["query"])
+
+  def one_round(balance, r):
+    step = base_step * (1.0 - r / rounds)
+    e_AxTxM = select_experts(q_AxTxQ, router["keys1"], router["keys2"], cfg.top_k, balance)
+    return {"bias1": rebalance(balance["bias1"], e_AxTxM // n2, step),
+            "bias2": rebalance(balance["bias2"], e_AxTxM % n2, step)}, None
+
+  balance, _ = jax.lax.scan(one_round, zero_balance(cfg), jnp.arange(rounds, dtype=jnp.float32))
+  return balance
+
+
+def collision_summary(report: CollisionReport) -> dict[str, Any]:
+  """A `CollisionReport` as JSON-ready numbers."""
+  return {"num_facts": report.num_facts, "experts_used": report.experts_used,
+          "shared_experts": report.shared_experts,
+          "facts_with_collision": report.facts_with_collision,
+          "fraction_facts_with_collision": report.fraction_facts_with_collision,
+          "pair_collisions": report.pair_collisions,
+          "max_facts_per_expert": int(len(report.facts_per_expert_hist) - 1)}
+
+
+def fact_collisions(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
+                    inputs: tuple[dict[str, np.ndarray], np.ndarray] | None = None,
+                    ) -> dict[str, dict[str, Any]]:
+  """`collision_report` of each MoME layer over the facts' answer tokens.
+
+  Two facts collide when some expert is selected by an answer token of each.
+  Layers after the first see the output of the earlier MoME layers, so this is
+  the selection under `variables` (the start of memory tuning). `inputs`:
+  `fact_inputs` of these variables, if already computed.
+  """
+  x, fact_P = inputs if inputs is not None else fact_inputs(model, variables, encoded)
+  out = {}
+  for path in layer_paths(model):
+    name = layer_key(path)
+    idx, _ = route_jit(tree_get(variables[ROUTER], path), jnp.asarray(x[name]), model.mome,
+                    tree_get(variables[BALANCE], path))
+    out[name] = collision_summary(collision_report(
+        fact_experts(np.asarray(idx), fact_P, len(encoded))))
+  return out
+
+
+def adds_zero(tables: Any) -> bool:
+  """Whether every MoME layer outputs exactly 0 (all `up` rows zero, as initialized)."""
+  return all(not np.any(np.asarray(t["up"])) for t in jax.tree.leaves(
+      tables, is_leaf=lambda n: isinstance(n, dict) and "up" in n))
+
+
+def balance_facts(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
+            rounds: int, rate: float,
+            inputs: tuple[dict[str, np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
+  """The "mome_balance" collection: `balance_router` on the facts' answer tokens.
+
+  Layer by layer in order, each on its inputs given the balance of the earlier
+  layers (recomputed unless every layer adds 0, when all see the backbone alone).
+  """
+  bias = variables[BALANCE]
+  fixed = adds_zero(variables[TABLE])
+  for path in layer_paths(model):
+    if inputs is None or not fixed:
+      inputs = fact_inputs(model, {**variables, BALANCE: bias}, encoded)
+    layer_bias = balance_router(tree_get(variables[ROUTER], path),
+                                     jnp.asarray(inputs[0][layer_key(path)]), model.mome,
+                                     rounds=rounds, rate=rate)
+    bias = tree_set(bias, path, layer_bias)
+  return bias

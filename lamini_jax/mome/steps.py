@@ -1,0 +1,221 @@
+"""The jitted train steps: phase 2 (sparse rows), its dense baseline, and phase 1.
+
+Phase 2 (`make_tuning_step`) differentiates only the gathered rows of the
+experts the answer positions select, adds the decision hinge and the anchor
+penalty when configured, and updates those rows in place (`sparse_optim`).
+`make_dense_tuning_step` is the same objective with a dense table gradient;
+`make_generalization_step` is phase 1 (dense router update, sparse rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import numpy as np
+import optax
+
+from lamini_jax.config import ModelConfig
+from lamini_jax.data import encoding
+from lamini_jax.model import Transformer
+from lamini_jax.mome.anchors import ANCHOR, anchor_penalty
+from lamini_jax.mome.config import AnchorConfig, MomeTuningConfig
+from lamini_jax.mome.inputs import layer_paths, tree_set
+from lamini_jax.mome.layer import DELTA, FOCUS, OUT, ROUTER, TABLE, UNIQ
+from lamini_jax.mome.sparse_optim import dense_step, map_layers, sparse_step_layers, zero_deltas
+from lamini_jax import train as train_lib
+
+
+def _metrics(loss, row_sum, row_count):
+  return {"loss": loss, "row_sum": row_sum, "row_count": row_count}
+
+
+def output_rows(cfg: ModelConfig, params: Any) -> jax.Array:
+  """[V, D]: logits = output_rows @ normalized final hidden state (final-norm scale folded in)."""
+  scale_D = params["final_norm"]["scale"].astype(jnp.float32)
+  if cfg.tie_word_embeddings:
+    return params["embedding"].astype(jnp.float32) * scale_D
+  return params["lm_head"].astype(jnp.float32).T * scale_D
+
+
+def decision_hinge(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, mask_BxT: jax.Array,
+                   rows_VxD: jax.Array, margin: float) -> jax.Array:
+  """Mean over targets of relu(margin - distance to the greedy decision boundary).
+
+  The distance is measured in the space of the normalized final hidden state
+  (RMS 1): (logit of the target - best other logit) / |row_target - row_other|.
+  It is zero once greedy decoding picks every target with that much room, and
+  its gradient is a unit push per target whatever the logit scale, so targets
+  whose output row nearly equals others' (an EOS row that was never trained)
+  are learned as fast as any other.
+  """
+  logits = logits_BxTxV[:, :-1].astype(jnp.float32)
+  target_BxT = tokens_BxT[:, 1:]
+  is_target = jax.nn.one_hot(target_BxT, logits.shape[-1], dtype=bool)
+  other_BxT = jnp.argmax(jnp.where(is_target, -jnp.inf, logits), axis=-1)
+  gap_BxT = (jnp.take_along_axis(logits, target_BxT[..., None], axis=-1)[..., 0]
+             - jnp.take_along_axis(logits, other_BxT[..., None], axis=-1)[..., 0])
+  dist_BxT = jnp.linalg.norm(rows_VxD[target_BxT] - rows_VxD[other_BxT], axis=-1)
+  dist_BxT = jax.lax.stop_gradient(jnp.maximum(dist_BxT, 1e-12))
+  mask = mask_BxT[:, 1:].astype(jnp.float32)
+  return jnp.sum(jax.nn.relu(margin - gap_BxT / dist_BxT) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def focus_positions(mask_BxT: jax.Array) -> jax.Array:
+  """[B, T] bool: the positions that predict a trained token (t where mask[t + 1] > 0)."""
+  return jnp.pad(mask_BxT[:, 1:] > 0, ((0, 0), (0, 1)))
+
+
+def _focus(model: Transformer, mask_BxT: jax.Array) -> dict[str, Any]:
+  focus = focus_positions(mask_BxT)
+  tree: dict[str, Any] = {}
+  for path in layer_paths(model):
+    tree = tree_set(tree, path, {"mask": focus})
+  return {FOCUS: tree}
+
+
+def focus_rows(encoded: Sequence[encoding.EncodedFact], batch_size: int, spec: MomeTuningConfig) -> int:
+  """Rows a phase-2 step with `train_positions="answer"` gathers per layer: a bound that holds.
+
+  A batch has at most batch_size * (most trained tokens of one fact) focus
+  positions, each selecting K experts, plus the padding index; and there are
+  only N + 1 distinct indices.
+  """
+  most = max(int(np.count_nonzero(e.loss_mask[1:])) for e in encoded)
+  cfg = spec.layer_config(2)
+  return min(batch_size * most * cfg.slots, cfg.num_experts) + 1
+
+
+def _pad_to(a_BxT: jax.Array, width: int, value) -> jax.Array:
+  return jnp.pad(a_BxT, ((0, 0), (0, width - a_BxT.shape[1])), constant_values=value)
+
+
+def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
+                     mesh: Mesh | None = None, margin: float = 0.0,
+                     train_positions: str = "answer", rows: int | None = None,
+                     anchor: AnchorConfig | None = None, train_down: bool = True) -> Callable:
+  """Phase 2, jitted with the state donated: sparse row updates of the expert tables.
+
+  `train_down=False` trains `up` only (the down rows of keyed experts are their keys).
+
+  `frozen` holds "params" (backbone), "mome_router" and "mome_balance"; the
+  state's `trainable` is the "mome" collection, its `opt_state` the per-row
+  optimizer state. Only the gathered rows ("mome_delta") are differentiated.
+  With `train_positions="answer"` those are the experts of the positions that
+  predict a trained token ("mome_focus"), at most `rows` per layer
+  (`focus_rows`; default tokens * K). A batch with more focus positions than
+  `rows` allows gets a NaN loss, which `train.fit` reports, never a silently
+  partial update.
+
+  With an `anchor` of positive weight, `frozen` also holds "anchor" (`anchor_sequences`:
+  tokens and mask [A, L]); step s adds anchors s * G .. s * G + G - 1 (mod A) as
+  extra rows and `anchor.weight * anchor_penalty` to the objective. The
+  reported loss stays the facts' token NLL.
+  """
+  slots = model.mome.slots
+  focused = train_positions == "answer"
+  anchored = anchor is not None and anchor.weight > 0
+
+  def loss_fn(deltas, tables, frozen, tokens_BxT, mask_BxT, anchor_mask_BxT):
+    # Rows past the first b are anchors (mask 0: no loss, no answer positions).
+    b = tokens_BxT.shape[0] - (0 if anchor_mask_BxT is None else anchor_mask_BxT.shape[0])
+    focus = _focus(model, mask_BxT) if focused else {}
+    (logits, _), aux = model.apply({**frozen, **focus, TABLE: tables, DELTA: deltas},
+                                   tokens_BxT, mutable=[UNIQ, OUT])
+    objective, nll = _objective(model, frozen, logits[:b], tokens_BxT[:b], mask_BxT[:b], margin)
+    if anchor_mask_BxT is not None:
+      objective = objective + anchor.weight * anchor_penalty(aux[OUT], anchor_mask_BxT)
+    return objective, (*nll, aux[UNIQ])
+
+  def step(state: train_lib.TrainState, frozen, tokens_BxT, mask_BxT):
+    anchor_mask_BxT, all_tokens, all_mask = None, tokens_BxT, mask_BxT
+    if anchored:
+      frozen = dict(frozen)
+      pool = frozen.pop(ANCHOR)
+      pick_B = (state.step * anchor.batch_size + jnp.arange(anchor.batch_size)) % pool["tokens"].shape[0]
+      a_tokens_BxT, anchor_mask_BxT = pool["tokens"][pick_B], pool["mask"][pick_B]
+      width = max(tokens_BxT.shape[1], a_tokens_BxT.shape[1])
+      all_tokens = jnp.concatenate([_pad_to(tokens_BxT, width, 0), _pad_to(a_tokens_BxT, width, 0)])
+      all_mask = jnp.concatenate([_pad_to(mask_BxT, width, 0),
+                                  jnp.zeros((anchor.batch_size, width), mask_BxT.dtype)])
+    num_rows = all_tokens.size * slots if rows is None or not focused else rows
+    deltas = zero_deltas(state.trainable, num_rows)
+    (_, (loss, row_sum, row_count, uniqs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        deltas, state.trainable, frozen, all_tokens, all_mask, anchor_mask_BxT)
+    if not train_down:  # keyed experts: down is the key, only up learns
+      grads = map_layers(lambda g: {**g, "down": jnp.zeros_like(g["down"])}, grads)
+    tables, opt_state = sparse_step_layers(state.trainable, state.opt_state, grads, uniqs,
+                                                tx=tx, mesh=mesh)
+    new_state = state.replace(step=state.step + 1, trainable=tables, opt_state=opt_state)
+    if focused:
+      needed = jnp.minimum(jnp.sum(focus_positions(mask_BxT)) * slots, model.mome.num_experts) + 1
+      overflow = needed > num_rows
+      loss, row_sum = (jnp.where(overflow, jnp.nan, a) for a in (loss, row_sum))
+    return new_state, _metrics(loss, row_sum, row_count)
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def _objective(model: Transformer, frozen, logits_BxTxV, tokens_BxT, mask_BxT, margin: float):
+  """(objective, (mean NLL, per-row NLL sums, per-row counts)): NLL plus the optional hinge."""
+  loss, row_sum, row_count = train_lib.token_nll(logits_BxTxV, tokens_BxT, mask_BxT)
+  objective = loss
+  if margin:
+    rows_VxD = output_rows(model.cfg, frozen["params"])
+    objective = loss + decision_hinge(logits_BxTxV, tokens_BxT, mask_BxT, rows_VxD, margin)
+  return objective, (loss, row_sum, row_count)
+
+
+def make_dense_tuning_step(model: Transformer, tx: optax.GradientTransformation,
+                           margin: float = 0.0) -> Callable:
+  """Phase 2 with a dense [N, ...] table gradient and the optimizer on all rows (the baseline)."""
+
+  def loss_fn(tables, frozen, tokens_BxT, mask_BxT):
+    logits, _ = model.apply({**frozen, TABLE: tables}, tokens_BxT)
+    return _objective(model, frozen, logits, tokens_BxT, mask_BxT, margin)
+
+  def step(state: train_lib.TrainState, frozen, tokens_BxT, mask_BxT):
+    (_, (loss, row_sum, row_count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.trainable, frozen, tokens_BxT, mask_BxT)
+    dense = lambda t, s, g: dense_step(t, s, g, tx=tx)
+    pairs = map_layers(dense, state.trainable, state.opt_state, grads)
+    tables = map_layers(lambda t, p: p[0], state.trainable, pairs)
+    opt_state = map_layers(lambda t, p: p[1], state.trainable, pairs)
+    new_state = state.replace(step=state.step + 1, trainable=tables, opt_state=opt_state)
+    return new_state, _metrics(loss, row_sum, row_count)
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_generalization_step(model: Transformer, router_tx: optax.GradientTransformation,
+                             row_tx: optax.GradientTransformation, mesh: Mesh | None = None) -> Callable:
+  """Phase 1: dense update of the router, sparse row updates of the tables.
+
+  The state's `trainable` is {"router": "mome_router", "table": "mome"}; `frozen`
+  holds "params" and "mome_balance".
+  """
+  slots = model.mome.slots
+
+  def loss_fn(router, deltas, tables, frozen, tokens_BxT, mask_BxT):
+    variables = {**frozen, ROUTER: router, TABLE: tables, DELTA: deltas}
+    (logits, _), aux = model.apply(variables, tokens_BxT, mutable=[UNIQ])
+    loss, row_sum, row_count = train_lib.token_nll(logits, tokens_BxT, mask_BxT)
+    return loss, (row_sum, row_count, aux[UNIQ])
+
+  def step(state: train_lib.TrainState, frozen, tokens_BxT, mask_BxT):
+    router, tables = state.trainable["router"], state.trainable["table"]
+    deltas = zero_deltas(tables, tokens_BxT.size * slots)
+    (loss, (row_sum, row_count, uniqs)), (g_router, g_rows) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(router, deltas, tables, frozen, tokens_BxT, mask_BxT)
+    updates, router_state = router_tx.update(g_router, state.opt_state["router"], router)
+    router = optax.apply_updates(router, updates)
+    tables, row_state = sparse_step_layers(tables, state.opt_state["table"], g_rows, uniqs,
+                                                tx=row_tx, mesh=mesh)
+    new_state = state.replace(step=state.step + 1, trainable={"router": router, "table": tables},
+                              opt_state={"router": router_state, "table": row_state})
+    return new_state, _metrics(loss, row_sum, row_count)
+
+  return jax.jit(step, donate_argnums=0)
