@@ -217,7 +217,11 @@ def test_keyed_experts_fire_on_their_facts_and_train_up_only(params, encoded):
   tx = TRAIN.optimizer.build()
   step = steps_lib.make_tuning_step(model, tx, margin=spec.margin, train_down=False)
   tokens, mask = _stack(encoded[:4])
-  state, metrics = step(mome_tuning.tuning_state(prepared.table, tx, 0), prepared.frozen, tokens, mask)
+  start = mome_tuning.tuning_state(prepared.table, tx, 0, leaves=("up",))
+  keys = {getattr(k, "key", None) for path, _ in jax.tree_util.tree_leaves_with_path(start.opt_state)
+          for k in path}
+  assert "up" in keys and "down" not in keys  # a frozen leaf has no optimizer state
+  state, metrics = step(start, prepared.frozen, tokens, mask)
   after = state.trainable["layers_2"]["mome"]
   np.testing.assert_array_equal(np.asarray(after["down"]), down)
   assert np.any(np.asarray(after["up"]) != 0) and np.isfinite(float(metrics["loss"]))
@@ -359,8 +363,8 @@ def test_step_zero_is_the_backbone_and_hinge_matches_float64(params):
   toks = rng.integers(0, 13, (2, 7))
   mask = rng.random((2, 7)) < 0.7
   rows = rng.normal(size=(13, 5)).astype(np.float32)
-  got = steps_lib.decision_hinge(jnp.asarray(logits), jnp.asarray(toks), jnp.asarray(mask),
-                           jnp.asarray(rows), 0.3)
+  rows_of = lambda ids: jnp.asarray(rows)[ids]
+  got = steps_lib.decision_hinge(jnp.asarray(logits), jnp.asarray(toks), jnp.asarray(mask), rows_of, 0.3)
   total, count = 0.0, 0
   for b in range(2):
     for t in range(1, 7):
@@ -374,7 +378,20 @@ def test_step_zero_is_the_backbone_and_hinge_matches_float64(params):
   far = np.zeros_like(logits)
   far[:, :-1] = np.eye(13, dtype=np.float32)[toks[:, 1:]] * 100.0  # every target wins by far
   assert float(steps_lib.decision_hinge(jnp.asarray(far), jnp.asarray(toks), jnp.asarray(mask),
-                                  jnp.asarray(rows), 0.3)) == 0.0
+                                        rows_of, 0.3)) == 0.0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_output_rows_reads_only_the_rows_asked_for(tied):
+  cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
+  params = model_lib.init_variables(model_lib.Transformer(cfg), jax.random.key(3))["params"]
+  scale = np.asarray(params["final_norm"]["scale"], np.float64)
+  whole_VxD = (np.asarray(params["embedding"], np.float64) if tied
+               else np.asarray(params["lm_head"], np.float64).T) * scale  # logits = whole_VxD @ h
+  ids_BxT = np.random.default_rng(4).integers(0, cfg.vocab_size, (3, 5))
+  got = steps_lib.output_rows(cfg, params, jnp.asarray(ids_BxT))
+  assert got.shape == (3, 5, cfg.hidden_size)
+  np.testing.assert_allclose(np.asarray(got), whole_VxD[ids_BxT], rtol=1e-6)
 
 
 def test_answer_positions_and_collisions_of_identical_facts(params, encoded):
@@ -520,3 +537,43 @@ def test_randomization_experiment_both_methods(tmp_path):
   loaded = runs.load_trained(tmp_path / "run", "mome-random")
   assert loaded.config == cfg_loaded and loaded.model.mome_layers == cfg.mome.layers
   assert layer_lib.TABLE in loaded.variables
+
+
+def _step_temp_bytes(spec: mome_config.MomeTuningConfig, log2_experts: int) -> int:
+  """Temporary bytes of the compiled phase-2 step of `spec` at 2^log2_experts experts (nothing runs)."""
+  spec = dataclasses.replace(spec, layers=(2,),
+                             layer=dataclasses.replace(spec.layer, num_experts=2**log2_experts))
+  model = mome_tuning.mome_model(CFG, spec)
+  key = jax.random.key(0)
+  fresh = jax.eval_shape(lambda k: mome_tuning.init_mome(model, 0, zero_down=True), key)
+  params = jax.eval_shape(lambda k: model_lib.init_variables(model_lib.Transformer(CFG), k)["params"], key)
+  tx = spec.train.optimizer.build()
+  leaves = sparse_optim.trained_leaves(not spec.key_match)
+  state = jax.eval_shape(lambda t: mome_tuning.tuning_state(t, tx, 0, None, leaves), fresh[layer_lib.TABLE])
+  frozen = {"params": params, layer_lib.ROUTER: fresh[layer_lib.ROUTER],
+            layer_lib.BALANCE: fresh[layer_lib.BALANCE]}
+  pool = jax.ShapeDtypeStruct((16, spec.anchor.seq_len), jnp.int32)
+  frozen[anchors_lib.ANCHOR] = {"tokens": pool, "mask": pool.update(dtype=jnp.float32)}
+  batch, width = 8, 32
+  step = steps_lib.make_tuning_step(model, tx, None, spec.margin, spec.train_positions,
+                                    batch * width * spec.layer.slots + 1, spec.anchor,
+                                    train_down=not spec.key_match)
+  tokens = jax.ShapeDtypeStruct((batch, width), jnp.int32)
+  compiled = step.lower(state, frozen, tokens, tokens.update(dtype=jnp.float32)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("variant", ["shipped", "unkeyed", "all positions"])
+def test_step_temporaries_do_not_grow_with_the_table(variant):
+  # The compiled step of the CPU config's MoME (keyed experts, anchors, hinge, answer positions),
+  # and of it with down trained or every position trained, at 2^14 and 2^18 experts. Routing's
+  # score tables grow with sqrt(E) up to the chunk cap (_SELECT_CHUNK_SCORES); anything that
+  # holds an [E, ...] array (a dense gradient, an optimizer update or copy of a leaf) adds at
+  # least one leaf, (2^18 - 2^14) * 22 * 4 bytes = 21.7 MB. Before keyed experts stopped running
+  # the row optimizer over `down`, the growth from 2^14 to 2^16 alone was 1.2 leaves.
+  shipped = runs.load_run_config(runs.REPO / "configs" / "randomization_cpu.yaml").mome
+  spec = {"shipped": shipped, "unkeyed": dataclasses.replace(shipped, key_match=0.0),
+          "all positions": dataclasses.replace(shipped, train_positions="all")}[variant]
+  leaf_growth = (2**18 - 2**14) * CFG.hidden_size * spec.layer.expert_rank * 4
+  growth = _step_temp_bytes(spec, 18) - _step_temp_bytes(spec, 14)
+  assert growth < 0.1 * leaf_growth, (growth, leaf_growth)

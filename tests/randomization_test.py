@@ -95,14 +95,15 @@ def test_evaluate_cli_reloads_a_trained_adapter(tiny_run, tmp_path, capsys):
   facts_file.write_text("".join(json.dumps({"question": f.question, "answer": f.answer}) + "\n"
                                 for f in facts))
   out = tmp_path / "metrics.json"
-  assert evaluate.main(["--model", runs.resolve_model_path(cfg.model.path), "--run", str(run_dir),
-                        "--adapter", "lora-random", "--facts", str(facts_file), "--truthfulqa", "4",
-                        "--json", str(out)]) == 0
+  # --run brings its own backbone (the run's model.path) and prompt template.
+  assert evaluate.main(["--run", str(run_dir), "--adapter", "lora-random", "--facts", str(facts_file),
+                        "--truthfulqa", "4", "--json", str(out)]) == 0
   got = json.loads(out.read_text())
   want = summary["models"]["lora-random"]
   assert got["recall"] == want["recall"]
   assert got["fact_loss"] == pytest.approx(want["fact_loss"], rel=1e-5)
   assert got["mc1"] == pytest.approx(want["mc1"]) and got["mc2"] == pytest.approx(want["mc2"], rel=1e-5)
   assert "recall" in capsys.readouterr().out
-  assert evaluate.main(["--model", runs.resolve_model_path(cfg.model.path), "--run", str(run_dir),
-                        "--adapter", "nope"]) == 2
+  assert evaluate.main(["--run", str(run_dir), "--adapter", "nope"]) == 2
+  with pytest.raises(SystemExit):  # a base model and a run at once: which one to evaluate?
+    evaluate.main(["--model", runs.resolve_model_path(cfg.model.path), "--run", str(run_dir)])

@@ -87,13 +87,14 @@ class MomeLayer(nn.Module):
     table = self._vars(TABLE, TABLE_AXES, table_param_init)
     x_TxD = x_XxD.reshape(-1, cfg.embed_dim)
     idx_TxK, w_TxK = route(router, x_TxD, cfg, balance)
-    if not self.has_variable(DELTA, "down"):
+    if not any(self.has_variable(DELTA, name) for name in TABLE_AXES):
       y_XxD = apply_experts(x_TxD, idx_TxK, w_TxK, table, cfg, self.gather_apply,
                             self.mesh).reshape(x_XxD.shape)
       self._sow_out(y_XxD)
       return y_XxD
-    delta = {name: self.get_variable(DELTA, name) for name in TABLE_AXES}
-    num_rows = delta["down"].shape[0]
+    delta = {name: self.get_variable(DELTA, name) for name in TABLE_AXES
+             if self.has_variable(DELTA, name)}  # the trained leaves (`up` alone for keyed experts)
+    num_rows = next(iter(delta.values())).shape[0]
     focus_T = None
     if self.has_variable(FOCUS, "mask"):
       focus = self.get_variable(FOCUS, "mask")
@@ -108,7 +109,8 @@ class MomeLayer(nn.Module):
     table = jax.lax.stop_gradient(table)
     trained_TxK = idx_TxK if focus_T is None else jnp.where(focus_T[:, None], idx_TxK, cfg.num_experts)
     uniq_U, inv_TxK = unique_rows(trained_TxK, cfg.num_experts, num_rows)
-    rows = jax.tree.map(jnp.add, gather_rows(table, uniq_U, self.mesh), delta)
+    rows = gather_rows(table, uniq_U, self.mesh)
+    rows = {**rows, **{name: rows[name] + d for name, d in delta.items()}}
     self.sow(UNIQ, "uniq", uniq_U, init_fn=lambda: None, reduce_fn=lambda _, new: new)
     if focus_T is None:
       y_TxD = apply_experts(x_TxD, inv_TxK, w_TxK, rows, cfg, self.gather_apply)

@@ -5,7 +5,13 @@ optax transformation per row with `jax.vmap` over the rows' own optimizer state
 (so each expert has its own step count), and writes rows and state back with
 `.at[uniq].set(..., mode="drop")` into buffers the jitted step donates: no
 dense [E, ...] gradient, update or copy. `dense_step` is the dense baseline.
+
+Only the leaves that train have optimizer state and deltas: with keyed experts
+(`down` is each expert's key, written once) a step trains `up` alone, and
+`down` passes through the donated state untouched, so no step reads or writes
+more than the touched rows of either leaf.
 """
+
 
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ import optax
 
 from lamini_jax.mome.table import Table, gather_rows, unique_rows
 from lamini_jax import sharding
+
+LEAVES = ("down", "up")  # the leaves of a layer's table
 
 
 def init_expert_opt_state(table: Table, tx: optax.GradientTransformation, mesh: Mesh | None = None) -> Any:
@@ -68,20 +76,26 @@ def sparse_step(
     tx: optax.GradientTransformation,
     mesh: Mesh | None = None,
 ) -> tuple[Table, Any]:
-  """Updates rows uniq_U of the table and of its per-expert state; others untouched.
+  """Updates rows uniq_U of the table's trained leaves and of their per-expert state.
 
-  Jit it with donate_argnames=("table", "opt_state") so the writes are in place.
+  The trained leaves are those of `grads_rows` (and of `opt_state`); other leaves
+  and other rows are returned untouched. Jit it with
+  donate_argnames=("table", "opt_state") so the writes are in place.
   Note: `up` starts at zero, and optax.adafactor's default
   multiply_by_parameter_scale=True scales a zero row's updates by its
   min_scale 1e-3; memory tuning from a fresh table wants it off.
   """
+  trained = {k: table[k] for k in grads_rows}
   if mesh is not None:
-    return sharding.update_rows_sharded(row_update(tx), table, opt_state, grads_rows, uniq_U, mesh)
+    new, opt_state = sharding.update_rows_sharded(row_update(tx), trained, opt_state, grads_rows,
+                                                  uniq_U, mesh)
+    return {**table, **new}, opt_state
   take = lambda a: jnp.take(a, uniq_U, axis=0, mode="clip")
   put = lambda a, rows: a.at[uniq_U].set(rows, mode="drop", indices_are_sorted=True)
   new_rows, new_state_rows = row_update(tx)(
-      jax.tree.map(take, table), jax.tree.map(take, opt_state), grads_rows)
-  return jax.tree.map(put, table, new_rows), jax.tree.map(put, opt_state, new_state_rows)
+      jax.tree.map(take, trained), jax.tree.map(take, opt_state), grads_rows)
+  return ({**table, **jax.tree.map(put, trained, new_rows)},
+          jax.tree.map(put, opt_state, new_state_rows))
 
 
 def dense_step(
@@ -92,7 +106,8 @@ def dense_step(
 
 
 def _is_layer(node: Any) -> bool:
-  return isinstance(node, dict) and "down" in node and "up" in node
+  """A layer's table (or its deltas, gradients or row state): a dict keyed by table leaves."""
+  return isinstance(node, dict) and bool(node) and set(node) <= set(LEAVES)
 
 
 def map_layers(fn: Callable[..., Any], tables: Any, *trees: Any) -> Any:
@@ -114,14 +129,24 @@ def sparse_step_layers(
   return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
 
 
-def zero_deltas(tables: Any, num_rows: int) -> Any:
-  """Zero "mome_delta" rows for every layer table: [N, a, b] -> [num_rows, a, b].
+def trained_leaves(train_down: bool) -> tuple[str, ...]:
+  """The table leaves a step trains: both, or `up` alone when `down` holds keys."""
+  return LEAVES if train_down else ("up",)
+
+
+def zero_deltas(tables: Any, num_rows: int, leaves: tuple[str, ...] = LEAVES) -> Any:
+  """Zero "mome_delta" rows of `leaves` for every layer table: [E, a, b] -> [num_rows, a, b].
 
   num_rows = (tokens per layer call) * cfg.slots.
   """
-  return jax.tree.map(lambda a: jnp.zeros((num_rows,) + a.shape[1:], a.dtype), tables)
+  zeros = lambda a: jnp.zeros((num_rows,) + a.shape[1:], a.dtype)
+  return map_layers(lambda t: {k: zeros(t[k]) for k in leaves}, tables)
 
 
-def init_row_state(tables: Any, tx: optax.GradientTransformation, mesh: Mesh | None = None) -> Any:
-  """Per-expert optimizer state of every MoME layer (leading axis N, row-sharded on a mesh)."""
-  return map_layers(lambda t: init_expert_opt_state(t, tx, mesh), tables)
+def init_row_state(tables: Any, tx: optax.GradientTransformation, mesh: Mesh | None = None,
+                   leaves: tuple[str, ...] = LEAVES) -> Any:
+  """Per-expert optimizer state of `leaves` of every MoME layer (leading axis E, row-sharded on a mesh).
+
+  A leaf that does not train has no state at all.
+  """
+  return map_layers(lambda t: init_expert_opt_state({k: t[k] for k in leaves}, tx, mesh), tables)

@@ -25,7 +25,8 @@ from lamini_jax.mome.anchors import ANCHOR, anchor_penalty
 from lamini_jax.mome.config import AnchorConfig, MomeTuningConfig
 from lamini_jax.mome.inputs import layer_paths, tree_set
 from lamini_jax.mome.layer import DELTA, FOCUS, OUT, ROUTER, TABLE, UNIQ
-from lamini_jax.mome.sparse_optim import dense_step, map_layers, sparse_step_layers, zero_deltas
+from lamini_jax.mome.sparse_optim import (dense_step, map_layers, sparse_step_layers, trained_leaves,
+                                          zero_deltas)
 from lamini_jax import train as train_lib
 
 
@@ -33,16 +34,22 @@ def _metrics(loss, row_sum, row_count):
   return {"loss": loss, "row_sum": row_sum, "row_count": row_count}
 
 
-def output_rows(cfg: ModelConfig, params: Any) -> jax.Array:
-  """[V, D]: logits = output_rows @ normalized final hidden state (final-norm scale folded in)."""
+def output_rows(cfg: ModelConfig, params: Any, ids_X: jax.Array) -> jax.Array:
+  """[..., D]: the output rows of tokens `ids_X` (final-norm scale folded in).
+
+  logits[v] = row(v) . normalized final hidden state. Only the rows asked for are
+  read: the [V, D] output matrix is never formed (2.1 GB at Llama 3's vocabulary).
+  """
   scale_D = params["final_norm"]["scale"].astype(jnp.float32)
   if cfg.tie_word_embeddings:
-    return params["embedding"].astype(jnp.float32) * scale_D
-  return params["lm_head"].astype(jnp.float32).T * scale_D
+    rows = jnp.take(params["embedding"], ids_X, axis=0)
+  else:  # lm_head is [D, V]
+    rows = jnp.moveaxis(jnp.take(params["lm_head"], ids_X, axis=1), 0, -1)
+  return rows.astype(jnp.float32) * scale_D
 
 
 def decision_hinge(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, mask_BxT: jax.Array,
-                   rows_VxD: jax.Array, margin: float) -> jax.Array:
+                   rows_of: Callable[[jax.Array], jax.Array], margin: float) -> jax.Array:
   """Mean over targets of relu(margin - distance to the greedy decision boundary).
 
   The distance is measured in the space of the normalized final hidden state
@@ -58,7 +65,7 @@ def decision_hinge(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, mask_BxT: jax
   other_BxT = jnp.argmax(jnp.where(is_target, -jnp.inf, logits), axis=-1)
   gap_BxT = (jnp.take_along_axis(logits, target_BxT[..., None], axis=-1)[..., 0]
              - jnp.take_along_axis(logits, other_BxT[..., None], axis=-1)[..., 0])
-  dist_BxT = jnp.linalg.norm(rows_VxD[target_BxT] - rows_VxD[other_BxT], axis=-1)
+  dist_BxT = jnp.linalg.norm(rows_of(target_BxT) - rows_of(other_BxT), axis=-1)
   dist_BxT = jax.lax.stop_gradient(jnp.maximum(dist_BxT, 1e-12))
   mask = mask_BxT[:, 1:].astype(jnp.float32)
   return jnp.sum(jax.nn.relu(margin - gap_BxT / dist_BxT) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -99,7 +106,9 @@ def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
                      anchor: AnchorConfig | None = None, train_down: bool = True) -> Callable:
   """Phase 2, jitted with the state donated: sparse row updates of the expert tables.
 
-  `train_down=False` trains `up` only (the down rows of keyed experts are their keys).
+  `train_down=False` trains `up` only (the down rows of keyed experts are their keys):
+  `down` then has neither deltas nor optimizer state, and passes through the
+  donated state untouched (`sparse_optim.trained_leaves`).
 
   `frozen` holds "params" (backbone), "mome_router" and "mome_balance"; the
   state's `trainable` is the "mome" collection, its `opt_state` the per-row
@@ -116,6 +125,7 @@ def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
   reported loss stays the facts' token NLL.
   """
   slots = model.mome.slots
+  leaves = trained_leaves(train_down)
   focused = train_positions == "answer"
   anchored = anchor is not None and anchor.weight > 0
 
@@ -142,11 +152,9 @@ def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
       all_mask = jnp.concatenate([_pad_to(mask_BxT, width, 0),
                                   jnp.zeros((anchor.batch_size, width), mask_BxT.dtype)])
     num_rows = all_tokens.size * slots if rows is None or not focused else rows
-    deltas = zero_deltas(state.trainable, num_rows)
+    deltas = zero_deltas(state.trainable, num_rows, leaves)
     (_, (loss, row_sum, row_count, uniqs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         deltas, state.trainable, frozen, all_tokens, all_mask, anchor_mask_BxT)
-    if not train_down:  # keyed experts: down is the key, only up learns
-      grads = map_layers(lambda g: {**g, "down": jnp.zeros_like(g["down"])}, grads)
     tables, opt_state = sparse_step_layers(state.trainable, state.opt_state, grads, uniqs,
                                                 tx=tx, mesh=mesh)
     new_state = state.replace(step=state.step + 1, trainable=tables, opt_state=opt_state)
@@ -164,8 +172,8 @@ def _objective(model: Transformer, frozen, logits_BxTxV, tokens_BxT, mask_BxT, m
   loss, row_sum, row_count = train_lib.token_nll(logits_BxTxV, tokens_BxT, mask_BxT)
   objective = loss
   if margin:
-    rows_VxD = output_rows(model.cfg, frozen["params"])
-    objective = loss + decision_hinge(logits_BxTxV, tokens_BxT, mask_BxT, rows_VxD, margin)
+    rows_of = lambda ids: output_rows(model.cfg, frozen["params"], ids)
+    objective = loss + decision_hinge(logits_BxTxV, tokens_BxT, mask_BxT, rows_of, margin)
   return objective, (loss, row_sum, row_count)
 
 

@@ -39,7 +39,7 @@ from lamini_jax.mome.config import MomeTuningConfig
 from lamini_jax.mome.inputs import fact_inputs, layer_key, layer_paths, tree_get, tree_set
 from lamini_jax.mome.layer import BALANCE, ROUTER, TABLE
 from lamini_jax.mome.router import route_jit, zero_balance
-from lamini_jax.mome.sparse_optim import init_row_state, map_layers
+from lamini_jax.mome.sparse_optim import LEAVES, init_row_state, map_layers, trained_leaves
 from lamini_jax.mome.steps import focus_rows, make_generalization_step, make_tuning_step
 from lamini_jax.mome.table import key_rows
 from lamini_jax import sharding
@@ -110,10 +110,10 @@ def _state(trainable: Any, opt_state: Any, seed: int) -> train_lib.TrainState:
 
 
 def tuning_state(tables: Any, tx: optax.GradientTransformation, seed: int,
-                 mesh: Mesh | None = None) -> train_lib.TrainState:
-  """Phase-2 train state: a copy of the tables (the state is donated) and fresh row state."""
+                 mesh: Mesh | None = None, leaves: tuple[str, ...] = LEAVES) -> train_lib.TrainState:
+  """Phase-2 train state: a copy of the tables (the state is donated) and fresh row state of `leaves`."""
   tables = jax.tree.map(jnp.copy, tables)
-  return _state(tables, init_row_state(tables, tx, mesh), seed)
+  return _state(tables, init_row_state(tables, tx, mesh, leaves), seed)
 
 
 def windows_as_facts(windows_WxT: np.ndarray) -> list[encoding.EncodedFact]:
@@ -293,7 +293,7 @@ def tune_mome(cfg: ModelConfig, params: Any, encoded: Sequence[encoding.EncodedF
                        paths=paths, general_paths=general_paths, label=label, resume=resume,
                        progress=progress, mesh=mesh, gather_apply=gather_apply)
   tx = train_cfg.optimizer.build()
-  state = tuning_state(prepared.table, tx, train_cfg.seed, mesh)
+  state = tuning_state(prepared.table, tx, train_cfg.seed, mesh, trained_leaves(not mome_cfg.key_match))
   anchor_cfg = mome_cfg.anchor if mome_cfg.anchor.weight > 0 else None
   frozen = prepared.frozen
   if anchor_cfg is not None:
