@@ -1,7 +1,7 @@
 """Gather-apply: time and bandwidth of each implementation against the XLA baseline.
 
 Passes, each jitted and timed alone (median of the timed calls after warm-up):
-  forward  y = gather_apply(x, idx, w, down, up, act) on the [N, ...] table;
+  forward  y = gather_apply(x, idx, w, down, up, act) on the [E, ...] table;
   rows     forward plus the row-gradient backward: dx, dw and RowGrads, one
            gradient row per slot, not summed (kernels: `get_gather_apply_vjp`;
            xla: gradients w.r.t. the gathered [T, K, ...] rows);
@@ -208,7 +208,7 @@ def run(bench: BenchConfig) -> tuple[list[dict], float]:
 def check(bench: BenchConfig) -> list[str]:
   """Max |impl - ref| / max |ref| per output of forward and train, ref = XLA in float32.
 
-  The kernels' forward reads the [N, ...] table (int64 row offsets at N = 2^20);
+  The kernels' forward reads the [E, ...] table (int64 row offsets at N = 2^20);
   the reference reads the same rows through the unique-rows copy (rows[inv] =
   table[idx]), so no float32 copy of the table is made.
   """

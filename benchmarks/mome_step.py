@@ -1,10 +1,10 @@
 """Step time of a MoME memory-tuning step versus the number of experts N.
 
-Two modes. The default times the MoME layer alone; `--full` times the whole
-memory-tuning step of `lamini_jax.mome_tuning` (frozen stories260K backbone with
-MoME layers, one real batch of TruthfulQA random-answer facts, token loss,
-sparse row gradients, per-row Adafactor, in-place write-back) beside the same
-step with a dense [N, ...] gradient and Adafactor on every row.
+Two modes. The default times the MoME layer alone; `--config FILE` times the
+whole memory-tuning step of exactly that run config (its backbone, MoME layers,
+keyed experts, anchors, hinge, answer positions, batch and optimizer; one real
+batch of its facts with random answers), as `mome.tuning.tune_mome` runs it,
+beside the same model with a dense [N, ...] gradient and the optimizer on every row.
 
 Layer mode: everything but N is fixed (T tokens, D, R, K slots). Columns:
   routed: route a fixed batch with the frozen router, gather the unique
@@ -17,7 +17,7 @@ Sparse variants of all sizes are timed round-robin, so background load hits
 every size alike; each figure is the median of the timed steps after warm-up.
 
   python -m benchmarks.mome_step [--sizes 10,14,17,20] [--reps 10] [--rank 1]
-  python -m benchmarks.mome_step --full [--sizes 10,14,17,20] [--layers 4] [--batch 32]
+  python -m benchmarks.mome_step --config configs/randomization_cpu.yaml [--set ...] [--sizes 10,14,17,20,22]
 """
 
 import argparse
@@ -26,6 +26,7 @@ import functools
 import pathlib
 import statistics
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ import optax
 
 from lamini_jax.data import batches as batch_lib
 from lamini_jax.data import encoding
+from lamini_jax.mome import anchors as anchors_lib
 from lamini_jax.mome import config as mome_config
 from lamini_jax.mome import layer as layer_lib
 from lamini_jax.mome import router as router_lib
@@ -42,7 +44,6 @@ from lamini_jax.mome import table as table_lib
 from lamini_jax.mome import tuning as mome_tuning
 from lamini_jax import runs
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,29 +183,62 @@ def format_table(bench: BenchConfig, results: list[dict]) -> str:
 # ----------------------------------------------------------------------------
 
 
-def _full_batch(batch_size: int):
-  """(config, params, facts, tokens_BxT, mask_BxT): stories260K and the first batch of random facts."""
-  run_cfg = runs.load_run_config(REPO / "configs" / "randomization_cpu.yaml")
-  backbone = runs.load_backbone(run_cfg.model)
-  model_cfg, params, tokenizer = backbone.cfg, backbone.params, backbone.tokenizer
-  facts, _, _ = runs.facts_and_heldout(run_cfg.data, "random")
-  encoded = encoding.encode_facts(tokenizer, runs.prompt_template(run_cfg.data), facts, run_cfg.data.max_len)
-  train = run_cfg.mome.train
-  batch = next(iter(batch_lib.epoch_batches(encoded, batch_size, train.seq_len, 0, train.seed, 0,
+@dataclasses.dataclass(frozen=True)
+class _RunData:
+  """What every size's step shares: the backbone, one real batch, the anchor pool."""
+
+  config: runs.RunConfig
+  model_cfg: Any
+  params: Any
+  encoded: list
+  tokens_BxT: jax.Array
+  mask_BxT: jax.Array
+  anchors: dict | None
+
+
+def _run_data(config: runs.RunConfig) -> _RunData:
+  """The config's backbone and the first phase-2 batch of its facts with random answers."""
+  backbone = runs.load_backbone(config.model)
+  template = runs.prompt_template(config.data)
+  facts, _, _ = runs.facts_and_heldout(config.data, "random")
+  encoded = encoding.encode_facts(backbone.tokenizer, template, facts, config.data.max_len)
+  train = config.mome.train
+  batch = next(iter(batch_lib.epoch_batches(encoded, train.batch_size, train.seq_len, 0, train.seed, 0,
                                            train.length_bucket)))
-  return model_cfg, params, encoded, jnp.asarray(batch.tokens_BxT), jnp.asarray(batch.loss_mask_BxT)
+  pad = backbone.tokenizer.pad_token_id or 0
+  return _RunData(config, backbone.cfg, backbone.params, encoded, jnp.asarray(batch.tokens_BxT),
+                  jnp.asarray(batch.loss_mask_BxT), runs.anchor_pool(config, backbone.tokenizer, template, pad))
+
+
+def _spec(config: runs.RunConfig, log2_n: int) -> mome_config.MomeTuningConfig:
+  spec = config.mome
+  return dataclasses.replace(spec, layer=dataclasses.replace(spec.layer, num_experts=2**log2_n))
 
 
 class _FullRunner:
-  """One memory-tuning step variant at one N: its donated train state."""
+  """The config's memory-tuning step (or its dense-gradient baseline) at one N, with its donated state."""
 
-  def __init__(self, make_step, model_cfg, params, spec, tx, tokens_BxT, mask_BxT, **step_kwargs):
-    model = mome_tuning.mome_model(model_cfg, spec)
-    init = mome_tuning.init_mome(model, spec.seed)
-    self.frozen = {"params": params, layer_lib.ROUTER: init[layer_lib.ROUTER], layer_lib.BALANCE: init[layer_lib.BALANCE]}
-    self.state = mome_tuning.tuning_state(init[layer_lib.TABLE], tx, 0)
-    self.step = make_step(model, tx, margin=spec.margin, **step_kwargs)
-    self.batch = (tokens_BxT, mask_BxT)
+  def __init__(self, data: _RunData, log2_n: int, dense: bool):
+    spec = _spec(data.config, log2_n)
+    model = mome_tuning.mome_model(data.model_cfg, spec)
+    keyed = bool(spec.key_match)
+    init = mome_tuning.init_mome(model, spec.seed, zero_down=keyed and spec.generalization.epochs == 0)
+    tx = spec.train.optimizer.build()
+    self.frozen = {"params": data.params, layer_lib.ROUTER: init[layer_lib.ROUTER],
+                   layer_lib.BALANCE: init[layer_lib.BALANCE]}
+    if dense:  # dense [N, ...] gradient of the whole table, the optimizer on every row of both leaves
+      self.state = mome_tuning.tuning_state(init[layer_lib.TABLE], tx, 0)
+      self.step = steps_lib.make_dense_tuning_step(model, tx, spec.margin)
+    else:  # exactly the step `tune_mome` runs for this config
+      anchor = spec.anchor if spec.anchor.weight > 0 else None
+      if anchor is not None:
+        self.frozen[anchors_lib.ANCHOR] = jax.tree.map(jnp.asarray, data.anchors)
+      leaves = sparse_optim.trained_leaves(not keyed)
+      self.state = mome_tuning.tuning_state(init[layer_lib.TABLE], tx, 0, None, leaves)
+      rows = steps_lib.focus_rows(data.encoded, spec.train.batch_size, spec)
+      self.step = steps_lib.make_tuning_step(model, tx, None, spec.margin, spec.train_positions, rows,
+                                             anchor, train_down=not keyed)
+    self.batch = (data.tokens_BxT, data.mask_BxT)
     self.times = []
 
   def __call__(self, timed: bool) -> None:
@@ -215,19 +249,10 @@ class _FullRunner:
       self.times.append(time.perf_counter() - start)
 
 
-def run_full(bench: BenchConfig, layers: tuple[int, ...], batch_size: int) -> tuple[list[dict], tuple]:
-  """Median seconds of the sparse and the dense full step per N; sparse sizes round-robin."""
-  model_cfg, params, encoded, tokens_BxT, mask_BxT = _full_batch(batch_size)
-  tx = optax.adafactor(bench.learning_rate, multiply_by_parameter_scale=False)
-
-  def spec(log2_n):
-    return mome_config.MomeTuningConfig(layers=layers, layer=mome_config.MomeConfig(
-        num_experts=2**log2_n, expert_rank=bench.expert_rank, num_heads=bench.num_heads,
-        key_dim=bench.key_dim, top_k=bench.top_k))
-
-  sparse = {n: _FullRunner(steps_lib.make_tuning_step, model_cfg, params, spec(n), tx, tokens_BxT, mask_BxT,
-                           rows=steps_lib.focus_rows(encoded, batch_size, spec(n)))
-            for n in bench.log2_sizes}
+def run_full(bench: BenchConfig, config: runs.RunConfig) -> tuple[list[dict], _RunData]:
+  """Median seconds of the config's step and of the dense step per N; sparse sizes round-robin."""
+  data = _run_data(config)
+  sparse = {n: _FullRunner(data, n, dense=False) for n in bench.log2_sizes}
   for i in range(bench.warmup + bench.reps):
     for runner in sparse.values():
       runner(timed=i >= bench.warmup)
@@ -235,33 +260,39 @@ def run_full(bench: BenchConfig, layers: tuple[int, ...], batch_size: int) -> tu
   del sparse
   for row in results:
     if row["log2_n"] <= bench.dense_max_log2:
-      runner = _FullRunner(steps_lib.make_dense_tuning_step, model_cfg, params, spec(row["log2_n"]), tx,
-                           tokens_BxT, mask_BxT)
+      runner = _FullRunner(data, row["log2_n"], dense=True)
       for i in range(bench.warmup + bench.dense_reps):
         runner(timed=i >= bench.warmup)
       row["dense"] = statistics.median(runner.times)
       del runner
-  return results, tuple(tokens_BxT.shape)
+  return results, data
 
 
-def format_full_table(bench: BenchConfig, layers, shape, results: list[dict]) -> str:
-  first = results[0]
+def format_full_table(bench: BenchConfig, config_name: str, data: _RunData, results: list[dict]) -> str:
+  spec, first = data.config.mome, results[0]
+  b, t = data.tokens_BxT.shape
+  anchors = f"{spec.anchor.batch_size} anchor rows" if spec.anchor.weight > 0 else "no anchors"
   lines = [
-      f"MoME memory-tuning step, full model: stories260K with MoME at layers {list(layers)},"
-      f" batch {shape[0]}x{shape[1]} tokens of random-answer facts, R={bench.expert_rank},"
-      f" K={bench.num_heads}x{bench.top_k} slots, per-row optax.adafactor;"
+      f"MoME memory-tuning step of {config_name}: {data.config.model.path} with MoME at layers"
+      f" {list(spec.layers)}, batch {b}x{t} tokens of random-answer facts + {anchors},"
+      f" K={spec.layer.num_heads}x{spec.layer.top_k} slots, R={spec.layer.expert_rank},"
+      f" keyed={bool(spec.key_match)}, margin={spec.margin}, positions={spec.train_positions};"
       f" {jax.devices()[0].platform} x{jax.device_count()}",
       f"median of {bench.reps} sparse steps (sizes interleaved) / {bench.dense_reps} dense steps,"
       f" after {bench.warmup} warm-up; times in ms",
-      "  sparse = backbone forward, token loss, grads of the gathered rows only, row Adafactor, in-place write",
-      "  dense  = the same model and loss, dense [N,...] table gradient, Adafactor on all N rows",
-      f"{'N':>9} {'sparse':>8} {'x first':>8} {'dense':>9} {'dense/sparse':>13}",
+      "  step  = the config's phase-2 step (mome.steps.make_tuning_step), as tune_mome runs it",
+      "  dense = the same model, token loss and hinge (no anchors, every position), dense [N,...] table"
+      " gradient, the optimizer on all N rows of both leaves",
+      f"{'N':>9} {'step':>8} {'x first':>8} {'dense':>9} {'dense/step':>11}",
   ]
   for r in results:
     dense = "skipped" if r["dense"] is None else f"{1e3 * r['dense']:.1f}"
     ratio = "-" if r["dense"] is None else f"{r['dense'] / r['sparse']:.1f}x"
     lines.append(f"{2 ** r['log2_n']:>9} {1e3 * r['sparse']:>8.1f} {r['sparse'] / first['sparse']:>7.2f}x"
-                 f" {dense:>9} {ratio:>13}")
+                 f" {dense:>9} {ratio:>11}")
+  skipped = [2**r["log2_n"] for r in results if r["dense"] is None]
+  if skipped:
+    lines.append(f"dense skipped at N={skipped}: above --dense-max-log2={bench.dense_max_log2}")
   return "\n".join(lines)
 
 
@@ -277,19 +308,19 @@ def main() -> None:
   parser.add_argument("--rank", type=int, default=defaults.expert_rank)
   parser.add_argument("--heads", type=int, default=defaults.num_heads)
   parser.add_argument("--top-k", type=int, default=defaults.top_k)
-  parser.add_argument("--full", action="store_true",
-                      help="time the whole memory-tuning step (backbone + MoME layers)")
-  parser.add_argument("--layers", default="4", help="--full: comma-separated MoME layers")
-  parser.add_argument("--batch", type=int, default=32, help="--full: facts per batch")
+  parser.add_argument("--config", type=pathlib.Path,
+                      help="time the whole memory-tuning step of this run config (e.g."
+                      " configs/randomization_cpu.yaml) instead of the layer alone")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="--config: override a field, e.g. --set mome.train.batch_size=16")
   args = parser.parse_args()
   bench = BenchConfig(
       log2_sizes=tuple(int(s) for s in args.sizes.split(",")), reps=args.reps,
       dense_reps=args.dense_reps, dense_max_log2=args.dense_max_log2, tokens=args.tokens,
       expert_rank=args.rank, num_heads=args.heads, top_k=args.top_k)
-  if args.full:
-    layers = tuple(int(s) for s in args.layers.split(","))
-    results, shape = run_full(bench, layers, args.batch)
-    print(format_full_table(bench, layers, shape, results))
+  if args.config is not None:
+    results, data = run_full(bench, runs.load_run_config(args.config, args.set))
+    print(format_full_table(bench, str(args.config), data, results))
   else:
     print(format_table(bench, run(bench)))
 

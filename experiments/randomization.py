@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import pathlib
 import platform
 import sys
@@ -28,11 +29,9 @@ import jax
 import numpy as np
 
 from lamini_jax.data import encoding
-from lamini_jax.data import sources
 from lamini_jax import evaluate as eval_lib
 from lamini_jax import lora_tuning
 from lamini_jax import model as model_lib
-from lamini_jax.mome import anchors as anchors_lib
 from lamini_jax.mome import tuning as mome_tuning
 from lamini_jax import report
 from lamini_jax import runs
@@ -56,37 +55,6 @@ def _check_same_config(run: runs.RunDir, text: str, resume: bool) -> None:
   if not resume and run.has_run():
     raise yaml_config.ConfigError(
         f"{run.path} already holds a run: pass --resume to continue it, or set --run-dir")
-
-
-def _general_windows(cfg: runs.RunConfig, tokenizer) -> np.ndarray | None:
-  """Phase-1 corpus windows of a MoME run (None when phase 1 is off)."""
-  g = cfg.mome.generalization
-  if not g.epochs:
-    return None
-  path = _data_path(cfg, g.corpus, "mome.generalization.corpus")
-  return encoding.corpus_windows(tokenizer, path, g.seq_len, g.windows)
-
-
-def _data_path(cfg: runs.RunConfig, relative: str, field: str) -> pathlib.Path:
-  """A data file named relative to the data directory (unless absolute); an error names `field`."""
-  root = sources.resolve_data_dir(cfg.data.data_dir)
-  path = pathlib.Path(relative)
-  if not path.is_absolute() and root is not None:
-    path = root / path
-  if not path.is_file():
-    raise FileNotFoundError(f"{field}: {path} not found")
-  return path
-
-
-def _anchors(cfg: runs.RunConfig, tokenizer, template, pad_id: int) -> dict[str, np.ndarray] | None:
-  """The phase-2 anchor pool of a MoME run (None when the anchors are off)."""
-  a = cfg.mome.anchor
-  if not a.weight:
-    return None
-  corpus = _data_path(cfg, a.corpus, "mome.anchor.corpus") if a.windows and a.corpus else None
-  spare = runs.spare_truthfulqa(cfg.data, a.questions) if a.questions else []
-  return anchors_lib.anchor_sequences(tokenizer, template, a, [(i.question, i.best_answer) for i in spare],
-                                      corpus, pad_id=pad_id)
 
 
 def mome_table(summary: dict[str, Any]) -> str:
@@ -169,13 +137,13 @@ def run(cfg: runs.RunConfig, resume: bool = False, progress: bool = True) -> dic
     else:
       prepared = mome_tuning.prepare(
           model_cfg, params, encoded, cfg.mome, pad_id=pad_id,
-          general_windows=_general_windows(cfg, tokenizer), paths=run.paths(label),
+          general_windows=runs.general_windows(cfg, tokenizer), paths=run.paths(label),
           general_paths=run.paths(runs.GENERAL_LABEL), label=label,
           resume=resume, progress=progress)
       hook = eval_lib.recall_callback(prepared.model, prepared.variables_of, tokenizer, facts, template,
                                 cfg.mome.recall_every, cfg.eval.stop_at_full_recall)
       t_anchor = time.perf_counter()
-      anchors = _anchors(cfg, tokenizer, template, pad_id)
+      anchors = runs.anchor_pool(cfg, tokenizer, template, pad_id)
       prepare_seconds = prepared.seconds + time.perf_counter() - t_anchor
       model, variables, result = mome_tuning.tune_mome(
           model_cfg, params, encoded, cfg.mome, train_cfg, pad_id=pad_id, paths=run.paths(label),
@@ -248,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoints")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
+  kernels_log = logging.getLogger("lamini_jax_kernels")  # which gather-and-apply "auto" took, and why
+  kernels_log.setLevel(logging.INFO)
+  kernels_log.addHandler(logging.StreamHandler())
+  kernels_log.propagate = False  # once, even where a library configured the root logger
   overrides = list(args.set)
   for flag, field in (("method", "method"), ("dataset", "data.dataset"), ("run_dir", "run_dir")):
     if getattr(args, flag) is not None:

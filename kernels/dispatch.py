@@ -16,6 +16,7 @@ function, the default of the MoME layer.
 
 from collections.abc import Callable
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ from lamini_jax_kernels import gather_apply as ga
 from lamini_jax_kernels.gpu import gather_apply as gpu_ga
 from lamini_jax_kernels.tpu import gather_apply as tpu_ga
 
+_LOG = logging.getLogger("lamini_jax_kernels")
 IMPLS = ("auto", "reference", "pallas", "pallas_interpret", "triton")
 GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
@@ -36,17 +38,34 @@ def _check(impl: str) -> None:
 
 
 
-def resolve(impl: str = "auto", backend: str | None = None) -> str:
-  """The concrete implementation `impl` stands for on `backend` (default: jax's)."""
+def explain(impl: str = "auto", backend: str | None = None) -> tuple[str, str]:
+  """(the concrete implementation `impl` stands for on `backend` (default: jax's), why)."""
   _check(impl)
   if impl != "auto":
-    return impl
+    return impl, "asked for by name"
   backend = backend or jax.default_backend()
   if backend in GPU_BACKENDS:
-    return "triton" if gpu_ga.available() else "reference"
+    if gpu_ga.available():
+      return "triton", f"auto on {backend}: jax-triton imports"
+    return "reference", (f"auto on {backend}: jax-triton does not import (install the `gpu` extra,"
+                         " `pip install lamini-jax[gpu]`, for the Triton kernels)")
   if backend == "tpu":
-    return "pallas"
-  return "reference"
+    return "pallas", "auto on tpu: the Pallas (Mosaic) kernels"
+  return "reference", f"auto on {backend}: no kernel for this backend, the XLA gather + einsum"
+
+
+@functools.cache
+def _say_once(impl: str, concrete: str, why: str) -> None:
+  level = logging.WARNING if "does not import" in why else logging.INFO
+  _LOG.log(level, "gather-apply %r runs %r: %s", impl, concrete, why)
+
+
+def resolve(impl: str = "auto", backend: str | None = None) -> str:
+  """The concrete implementation `impl` stands for on `backend`; "auto" logs its choice once."""
+  concrete, why = explain(impl, backend)
+  if impl == "auto":
+    _say_once(impl, concrete, why)
+  return concrete
 
 
 def _block_sizes(module, block_sizes: Any, impl: str) -> Any:
@@ -98,6 +117,6 @@ def get_gather_apply_vjp(impl: str = "auto", *, block_sizes: Any = None) -> Call
   return functools.partial(ga.gather_apply_vjp, dot, combine)
 
 
-def gather_apply_auto(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation):
+def gather_apply_auto(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation):
   """`get_gather_apply("auto")`, resolved when traced (by `jax.default_backend()`)."""
-  return get_gather_apply("auto")(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation)
+  return get_gather_apply("auto")(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation)

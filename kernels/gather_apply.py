@@ -1,16 +1,16 @@
 """Gather-apply: the expert op of the Mixture of Memory Experts (MoME).
 
-For T tokens, each routed to K expert slots of a table of N rank-R adapters:
+For T tokens, each routed to K expert slots of a table of E rank-R adapters:
 
   y[t] = sum_k w[t, k] * up[idx[t, k]]^T act(down[idx[t, k]]^T x[t])
 
-with x_TxD the token inputs, idx_TxK the selected experts (int, in [0, N)),
-w_TxK their weights, down_NxDxR and up_NxRxD the expert table, and `act` an
+with x_TxD the token inputs, idx_TxK the selected experts (int, in [0, E)),
+w_TxK their weights, down_ExDxR and up_ExRxD the expert table, and `act` an
 elementwise activation. R = 1 is a PEER-style single-neuron expert.
 
 Every implementation has the signature of `GatherApplyFn`:
 
-  gather_apply(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation) -> y_TxD
+  gather_apply(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation) -> y_TxD
 
 and is differentiable in x, w, down and up. The MoME layer takes one as a
 parameter; `lamini_jax_kernels.dispatch.get_gather_apply` picks one per backend.
@@ -38,13 +38,13 @@ kernels (any jax activation works; those bytes are T*K*R*4, against T*K*D*R
 for the rows). `gather_apply_vjp` returns the row gradients as `RowGrads`
 (rows plus flat indices, duplicates not summed); the custom_vjp of the op
 scatter-adds them into the cotangent of the table argument, so `jax.grad`
-w.r.t. a whole table is correct (and dense, [N, ...]); the MoME sparse path
+w.r.t. a whole table is correct (and dense, [E, ...]); the MoME sparse path
 passes the gathered unique rows [U, ...] as the table, so its cotangent has U
 rows and the scatter-add sums duplicate slots. Inside `jax.shard_map` (the
 row-sharded table of `lamini_jax.sharding.shard_gather_apply`) kernel outputs
 carry the manual axes their inputs vary over (`out_struct`, `match_varying`).
 
-Shape letters: T tokens, K expert slots per token, N experts, D model width,
+Shape letters: T tokens, K expert slots per token, E experts, D model width,
 R expert rank, P = T * K slots.
 """
 
@@ -65,8 +65,8 @@ class GatherApplyFn(Protocol):
       x_TxD: jax.Array,
       idx_TxK: jax.Array,
       w_TxK: jax.Array,
-      down_NxDxR: jax.Array,
-      up_NxRxD: jax.Array,
+      down_ExDxR: jax.Array,
+      up_ExRxD: jax.Array,
       activation: Activation,
   ) -> jax.Array:
     ...
@@ -91,7 +91,7 @@ class GatherCombineFn(Protocol):
 class RowGrads(NamedTuple):
   """Gradients of the selected rows, one per slot (P = T * K), not summed.
 
-  idx_P[p] = clip(idx_TxK.reshape(-1)[p], 0, N - 1) is the table row of slot p;
+  idx_P[p] = clip(idx_TxK.reshape(-1)[p], 0, E - 1) is the table row of slot p;
   down_PxDxR[p] and up_PxRxD[p] are that slot's contribution to the gradient of
   down[idx_P[p]] and up[idx_P[p]]. Rows of repeated indices must be summed
   (e.g. `table.at[idx_P].add(rows)` or a segment sum after `unique_rows`).
@@ -104,7 +104,7 @@ class RowGrads(NamedTuple):
 VjpRowsFn = Callable[[jax.Array], tuple[jax.Array, jax.Array, RowGrads]]
 
 
-def check_shapes(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD) -> None:
+def check_shapes(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD) -> None:
   """Raises a ValueError naming the argument whose shape does not fit the others."""
   if x_TxD.ndim != 2:
     raise ValueError(f"gather_apply: x_TxD must be [T, D], got shape {x_TxD.shape}")
@@ -115,11 +115,11 @@ def check_shapes(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD) -> None:
     raise ValueError(f"gather_apply: idx_TxK must be integer, got {idx_TxK.dtype}")
   if w_TxK.shape != idx_TxK.shape:
     raise ValueError(f"gather_apply: w_TxK shape {w_TxK.shape} != idx_TxK shape {idx_TxK.shape}")
-  if down_NxDxR.ndim != 3 or down_NxDxR.shape[1] != d:
-    raise ValueError(f"gather_apply: down_NxDxR must be [N, D={d}, R], got {down_NxDxR.shape}")
-  n, _, r = down_NxDxR.shape
-  if up_NxRxD.shape != (n, r, d):
-    raise ValueError(f"gather_apply: up_NxRxD must be [N={n}, R={r}, D={d}], got {up_NxRxD.shape}")
+  if down_ExDxR.ndim != 3 or down_ExDxR.shape[1] != d:
+    raise ValueError(f"gather_apply: down_ExDxR must be [E, D={d}, R], got {down_ExDxR.shape}")
+  n, _, r = down_ExDxR.shape
+  if up_ExRxD.shape != (n, r, d):
+    raise ValueError(f"gather_apply: up_ExRxD must be [E={n}, R={r}, D={d}], got {up_ExRxD.shape}")
 
 
 def clip_indices(idx_TxK: jax.Array, num_rows: int) -> jax.Array:
@@ -127,9 +127,9 @@ def clip_indices(idx_TxK: jax.Array, num_rows: int) -> jax.Array:
   return jnp.clip(idx_TxK, 0, num_rows - 1).astype(jnp.int32)
 
 
-def output_dtype(x_TxD, w_TxK, down_NxDxR, up_NxRxD) -> jnp.dtype:
+def output_dtype(x_TxD, w_TxK, down_ExDxR, up_ExRxD) -> jnp.dtype:
   """The reference's output dtype (jnp type promotion of its einsums)."""
-  return jnp.result_type(x_TxD.dtype, w_TxK.dtype, down_NxDxR.dtype, up_NxRxD.dtype)
+  return jnp.result_type(x_TxD.dtype, w_TxK.dtype, down_ExDxR.dtype, up_ExRxD.dtype)
 
 
 def varying_axes(*arrays: jax.Array) -> frozenset[str]:
@@ -165,30 +165,30 @@ def match_varying(out: jax.Array, *inputs: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
-def _forward(dot, combine, x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation):
+def _forward(dot, combine, x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation):
   """(y_TxD, z_TxKxR) for clipped int32 indices."""
-  z_TxKxR = dot(x_TxD, idx_TxK, down_NxDxR, d_axis=1)
+  z_TxKxR = dot(x_TxD, idx_TxK, down_ExDxR, d_axis=1)
   c_TxKxR = w_TxK.astype(jnp.float32)[..., None] * activation(z_TxKxR)
-  out_dtype = output_dtype(x_TxD, w_TxK, down_NxDxR, up_NxRxD)
-  return combine(c_TxKxR, idx_TxK, up_NxRxD, d_axis=2, out_dtype=out_dtype), z_TxKxR
+  out_dtype = output_dtype(x_TxD, w_TxK, down_ExDxR, up_ExRxD)
+  return combine(c_TxKxR, idx_TxK, up_ExRxD, d_axis=2, out_dtype=out_dtype), z_TxKxR
 
 
-def _backward(dot, combine, activation, x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, z_TxKxR,
+def _backward(dot, combine, activation, x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, z_TxKxR,
               dy_TxD):
   """(dx_TxD, dw_TxK, RowGrads) from the saved pre-activations z_TxKxR."""
   h_TxKxR, act_vjp = jax.vjp(activation, z_TxKxR)
   w32_TxKx1 = w_TxK.astype(jnp.float32)[..., None]
-  g_TxKxR = dot(dy_TxD, idx_TxK, up_NxRxD, d_axis=2)
+  g_TxKxR = dot(dy_TxD, idx_TxK, up_ExRxD, d_axis=2)
   dw_TxK = jnp.sum(h_TxKxR * g_TxKxR, axis=-1).astype(w_TxK.dtype)
   (dz_TxKxR,) = act_vjp(w32_TxKx1 * g_TxKxR)
-  dx_TxD = combine(dz_TxKxR, idx_TxK, down_NxDxR, d_axis=1, out_dtype=x_TxD.dtype)
+  dx_TxD = combine(dz_TxKxR, idx_TxK, down_ExDxR, d_axis=1, out_dtype=x_TxD.dtype)
   x32_Tx1xDx1 = x_TxD.astype(jnp.float32)[:, None, :, None]
   dy32_Tx1x1xD = dy_TxD.astype(jnp.float32)[:, None, None, :]
-  down_TxKxDxR = (x32_Tx1xDx1 * dz_TxKxR[:, :, None, :]).astype(down_NxDxR.dtype)
-  up_TxKxRxD = ((w32_TxKx1 * h_TxKxR)[..., None] * dy32_Tx1x1xD).astype(up_NxRxD.dtype)
+  down_TxKxDxR = (x32_Tx1xDx1 * dz_TxKxR[:, :, None, :]).astype(down_ExDxR.dtype)
+  up_TxKxRxD = ((w32_TxKx1 * h_TxKxR)[..., None] * dy32_Tx1x1xD).astype(up_ExRxD.dtype)
   p = idx_TxK.size
-  rows = RowGrads(idx_TxK.reshape(p), down_TxKxDxR.reshape(p, *down_NxDxR.shape[1:]),
-                  up_TxKxRxD.reshape(p, *up_NxRxD.shape[1:]))
+  rows = RowGrads(idx_TxK.reshape(p), down_TxKxDxR.reshape(p, *down_ExDxR.shape[1:]),
+                  up_TxKxRxD.reshape(p, *up_ExRxD.shape[1:]))
   return dx_TxD, dw_TxK, rows
 
 
@@ -198,18 +198,18 @@ def gather_apply_vjp(
     x_TxD: jax.Array,
     idx_TxK: jax.Array,
     w_TxK: jax.Array,
-    down_NxDxR: jax.Array,
-    up_NxRxD: jax.Array,
+    down_ExDxR: jax.Array,
+    up_ExRxD: jax.Array,
     activation: Activation,
 ) -> tuple[jax.Array, VjpRowsFn]:
   """(y_TxD, vjp_rows) with vjp_rows(dy_TxD) -> (dx_TxD, dw_TxK, RowGrads).
 
-  No [N, ...] array is formed: the backward gives gradients of the selected
-  rows only. idx is clipped to [0, N) (see `gather_apply_reference`).
+  No [E, ...] array is formed: the backward gives gradients of the selected
+  rows only. idx is clipped to [0, E) (see `gather_apply_reference`).
   """
-  check_shapes(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD)
-  idx_TxK = clip_indices(idx_TxK, down_NxDxR.shape[0])
-  args = (x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD)
+  check_shapes(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD)
+  idx_TxK = clip_indices(idx_TxK, down_ExDxR.shape[0])
+  args = (x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD)
   y_TxD, z_TxKxR = _forward(dot, combine, *args, activation)
   return y_TxD, functools.partial(_backward, dot, combine, activation, *args, z_TxKxR)
 
@@ -219,35 +219,35 @@ def make_gather_apply(dot: GatherDotFn, combine: GatherCombineFn) -> GatherApply
 
   The cotangent of the table arguments is the scatter-add of `RowGrads` into
   zeros shaped like them: correct under `jax.grad` w.r.t. a whole table (a
-  dense [N, ...] result), and U rows when the table passed in is U gathered
+  dense [E, ...] result), and U rows when the table passed in is U gathered
   rows (the MoME sparse path). Under jit, unused cotangents are pruned.
   """
 
-  def fwd(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation):
-    check_shapes(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD)
-    idx_TxK = clip_indices(idx_TxK, down_NxDxR.shape[0])
-    args = (x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD)
+  def fwd(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation):
+    check_shapes(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD)
+    idx_TxK = clip_indices(idx_TxK, down_ExDxR.shape[0])
+    args = (x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD)
     y_TxD, z_TxKxR = _forward(dot, combine, *args, activation)
     return y_TxD, (*args, z_TxKxR)
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-  def custom(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation):
-    return fwd(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation)[0]
+  def custom(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation):
+    return fwd(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation)[0]
 
   def bwd(activation, residuals, dy_TxD):
-    _, _, _, down_NxDxR, up_NxRxD, _ = residuals
+    _, _, _, down_ExDxR, up_ExRxD, _ = residuals
     dx_TxD, dw_TxK, rows = _backward(dot, combine, activation, *residuals, dy_TxD)
-    d_down = jnp.zeros_like(down_NxDxR).at[rows.idx_P].add(rows.down_PxDxR)
-    d_up = jnp.zeros_like(up_NxRxD).at[rows.idx_P].add(rows.up_PxRxD)
+    d_down = jnp.zeros_like(down_ExDxR).at[rows.idx_P].add(rows.down_PxDxR)
+    d_up = jnp.zeros_like(up_ExRxD).at[rows.idx_P].add(rows.up_PxRxD)
     return dx_TxD, None, dw_TxK, d_down, d_up
 
   custom.defvjp(fwd, bwd)
 
-  def gather_apply(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation):
+  def gather_apply(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation):
     # Inside shard_map, give every input the same manual axes first: the
     # cotangents then match the primals, and autodiff sums them where pcast
     # broadcast an input (as it does for the reference's implicit casts).
-    args = (x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD)
+    args = (x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD)
     return custom(*(match_varying(a, *args) for a in args), activation)
 
   return gather_apply
@@ -276,16 +276,16 @@ def gather_apply_reference(
     x_TxD: jax.Array,
     idx_TxK: jax.Array,
     w_TxK: jax.Array,
-    down_NxDxR: jax.Array,
-    up_NxRxD: jax.Array,
+    down_ExDxR: jax.Array,
+    up_ExRxD: jax.Array,
     activation: Activation,
 ) -> jax.Array:
   """Gathers the selected expert rows and applies them; returns y_TxD.
 
-  Indices must lie in [0, N); callers that mask slots pass a valid index with
+  Indices must lie in [0, E); callers that mask slots pass a valid index with
   weight 0 (out-of-range indices are clipped, not dropped).
   """
-  down_TxKxDxR = jnp.take(down_NxDxR, idx_TxK, axis=0, mode="clip")
-  up_TxKxRxD = jnp.take(up_NxRxD, idx_TxK, axis=0, mode="clip")
+  down_TxKxDxR = jnp.take(down_ExDxR, idx_TxK, axis=0, mode="clip")
+  up_TxKxRxD = jnp.take(up_ExRxD, idx_TxK, axis=0, mode="clip")
   h_TxKxR = activation(jnp.einsum("TD,TKDR->TKR", x_TxD, down_TxKxDxR))
   return jnp.einsum("TK,TKR,TKRD->TD", w_TxK, h_TxKxR, up_TxKxRxD)

@@ -11,7 +11,8 @@ array's name ends in its shape (`x_BxTxD`), and einsum strings use the same lett
   N  query heads                         Q  router query width; C = Q / 2 per sub-key half
   Y  key/value heads                     I, J  sub-keys of the first and second half
   G  query heads per KV head (N = Y * G) U  gathered (unique) expert rows of a step
-  Z  grouped query rows (Z = G * T)      P  answer positions of the facts
+  Z  grouped query rows (Z = G * T)      P  positions picked from a larger set (the
+                                            facts' answer positions; the T * K slots)
   H  head dim                            R  adapter rank: LoRA's, or an expert's
   F  MLP width                           W  corpus windows
   V  vocabulary                          X  any leading shape

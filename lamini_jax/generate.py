@@ -23,7 +23,9 @@ import numpy as np
 import tqdm
 
 from lamini_jax.config import ModelConfig
+from lamini_jax import export
 from lamini_jax import hf
+from lamini_jax import runs
 from lamini_jax.model import KVCache, Transformer
 
 
@@ -145,7 +147,13 @@ def generate_text(model: Transformer, variables: Any, tokenizer, prompts: Sequen
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m lamini_jax.generate", description=__doc__.split("\n")[0])
-  parser.add_argument("--model", required=True, help="local Hugging Face directory or hub id")
+  model = parser.add_mutually_exclusive_group(required=True)
+  model.add_argument("--model", help="a local Hugging Face directory or hub id: a Llama / Mistral, or a"
+                     " lamini-jax export (merged, PEFT adapter or MoME)")
+  model.add_argument("--run", type=pathlib.Path, help="a run directory: answer with a model trained there,"
+                     " without exporting it first")
+  parser.add_argument("--label", help="with --run: which trained model (e.g. mome-random; optional"
+                      " when the run holds one)")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--prompt", help="one prompt")
   source.add_argument("--batch-file", type=pathlib.Path, help="a text file with one prompt per line")
@@ -167,11 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--batch-file {args.batch_file} holds no prompt")
     else:
       prompts = [args.prompt]
-    cfg, params, model_dir = hf.load_pretrained(args.model, args.dtype, args.dtype)
-    tokenizer = hf.load_tokenizer(model_dir)
-    texts = generate_text(Transformer(cfg), {"params": params}, tokenizer, prompts, sampling,
-                          args.batch_size, progress=True)
-  except (ValueError, FileNotFoundError) as e:
+    if args.run is not None:
+      trained = runs.load_trained(args.run, args.label)
+      model, variables, tokenizer = trained.model, trained.variables, trained.backbone.tokenizer
+    else:
+      model, variables, model_dir = export.load_export(args.model, args.dtype)
+      model = model.clone(cfg=model.cfg.replace(compute_dtype=args.dtype))
+      tokenizer = hf.load_tokenizer(model_dir)
+    texts = generate_text(model, variables, tokenizer, prompts, sampling, args.batch_size,
+                          progress=True)
+  except (ValueError, FileNotFoundError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for text in texts:

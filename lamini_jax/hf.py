@@ -376,7 +376,9 @@ def load_tokenizer(model_dir: os.PathLike):
   model_dir = pathlib.Path(model_dir)
   if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
     raise CheckpointError(f"{model_dir}: no tokenizer.json or tokenizer.model in the model directory")
-  return transformers.AutoTokenizer.from_pretrained(model_dir)
+  # A MoME export's config.json names its own modeling code; the tokenizer needs none of it, and
+  # without this transformers would ask on stdin whether to run that code.
+  return transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
 
 def load_pretrained(name_or_path: str | os.PathLike, param_dtype: str = "float32",

@@ -20,6 +20,8 @@ import dataclasses
 import pathlib
 from typing import Any
 
+import numpy as np
+
 from lamini_jax.checkpoint import Checkpointer
 from lamini_jax.config import ModelConfig
 from lamini_jax.data import encoding
@@ -30,6 +32,7 @@ from lamini_jax.lora import LoraConfig
 from lamini_jax import lora_tuning
 from lamini_jax.model import Transformer
 from lamini_jax.mome.config import MomeTuningConfig
+from lamini_jax.mome import anchors as anchors_lib
 from lamini_jax.mome import tuning as mome_tuning
 from lamini_jax import train as train_lib
 from lamini_jax import yaml_config
@@ -270,7 +273,7 @@ def load_trained(run_dir, label: str | None = None, backbone: Backbone | None = 
 
 
 # ---------------------------------------------------------------------------------------------
-# The facts and held-out questions of a run.
+# The data of a run: facts, held-out questions, phase-1 windows, the anchor pool.
 
 
 def facts_and_heldout(spec: DataSpec, answers: str):
@@ -296,3 +299,34 @@ def spare_truthfulqa(spec: DataSpec, count: int) -> list[sources.TruthfulQAItem]
   n_train = spec.n_train if spec.dataset == "truthfulqa" else 0
   items = sources.load_truthfulqa(spec.data_dir)
   return facts_lib.spare_items(items, n_train, spec.n_heldout, spec.seed, count)
+
+
+def general_windows(cfg: RunConfig, tokenizer) -> np.ndarray | None:
+  """Phase-1 corpus windows of a MoME run (None when phase 1 is off)."""
+  g = cfg.mome.generalization
+  if not g.epochs:
+    return None
+  path = data_path(cfg, g.corpus, "mome.generalization.corpus")
+  return encoding.corpus_windows(tokenizer, path, g.seq_len, g.windows)
+
+
+def data_path(cfg: RunConfig, relative: str, field: str) -> pathlib.Path:
+  """A data file named relative to the data directory (unless absolute); an error names `field`."""
+  root = sources.resolve_data_dir(cfg.data.data_dir)
+  path = pathlib.Path(relative)
+  if not path.is_absolute() and root is not None:
+    path = root / path
+  if not path.is_file():
+    raise FileNotFoundError(f"{field}: {path} not found")
+  return path
+
+
+def anchor_pool(cfg: RunConfig, tokenizer, template, pad_id: int) -> dict[str, np.ndarray] | None:
+  """The phase-2 anchor pool of a MoME run (None when the anchors are off)."""
+  a = cfg.mome.anchor
+  if not a.weight:
+    return None
+  corpus = data_path(cfg, a.corpus, "mome.anchor.corpus") if a.windows and a.corpus else None
+  spare = spare_truthfulqa(cfg.data, a.questions) if a.questions else []
+  return anchors_lib.anchor_sequences(tokenizer, template, a, [(i.question, i.best_answer) for i in spare],
+                                      corpus, pad_id=pad_id)

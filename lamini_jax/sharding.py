@@ -8,7 +8,7 @@ replication, and a table whose leading (expert) axis would end up replicated on
 a mesh with more than one `expert` device is an error too.
 
 The `*_sharded` functions run the expert-table operations under `jax.shard_map`:
-device (d, e) holds rows [e * N/E, (e + 1) * N/E) of the table, maps global row
+device (d, e) of n `expert` devices holds rows [e * E/n, (e + 1) * E/n) of the table, maps global row
 indices to local ones, works on the rows it owns (masking the others), and
 combines partial results with `psum` over `expert`. No device ever holds the
 whole table.
@@ -176,7 +176,7 @@ def shard_gather_apply(gather_apply: Callable[..., jax.Array], mesh: Mesh) -> Ca
   summed over `expert`. Same signature as the wrapped function.
   """
 
-  def fn(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation):
+  def fn(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation):
     check_tokens_divisible(x_TxD.shape[0], mesh)
 
     def local(x_TxD, idx_TxK, w_TxK, down_nxDxR, up_nxRxD):
@@ -189,7 +189,7 @@ def shard_gather_apply(gather_apply: Callable[..., jax.Array], mesh: Mesh) -> Ca
     tokens = P(DATA, None)
     return jax.shard_map(
         local, mesh=mesh, in_specs=(tokens, tokens, tokens, row_spec(3), row_spec(3)),
-        out_specs=tokens)(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD)
+        out_specs=tokens)(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD)
 
   return fn
 
@@ -197,7 +197,7 @@ def shard_gather_apply(gather_apply: Callable[..., jax.Array], mesh: Mesh) -> Ca
 def gather_rows_sharded(table: Any, idx_U: jax.Array, mesh: Mesh) -> Any:
   """Rows idx_U of every leaf of a row-sharded tree, replicated on all devices.
 
-  Indices outside [0, N) give zero rows.
+  Indices outside [0, E) give zero rows.
   """
 
   def local(table, idx_U):
@@ -226,7 +226,7 @@ def update_rows_sharded(
 
   update_fn(rows, state_rows, grads_rows) -> (new_rows, new_state_rows) works on
   gathered rows. Each expert shard updates only the rows it owns, in place
-  (indices it does not own, and indices >= N, are dropped). grads_rows and
+  (indices it does not own, and indices >= E, are dropped). grads_rows and
   idx_U are replicated.
   """
 

@@ -290,7 +290,7 @@ def test_sparse_steps_change_only_selected_experts():
 def test_sparse_step_is_in_place_with_no_table_sized_temporary():
   # Compile only (no data): 2^16 experts, 16 tokens. The donated table and state
   # must be aliased to the outputs, and the step's scratch memory must not hold
-  # anything close to one [N, D, R] table.
+  # anything close to one [E, D, R] table.
   cfg = mome_config.MomeConfig(num_experts=2**16, embed_dim=8, expert_rank=1, num_heads=2, key_dim=8,
                         top_k=4)
   tx = optax.adafactor(1e-2)
@@ -339,7 +339,7 @@ def test_sparse_adafactor_equals_one_optax_adafactor_per_expert():
 @pytest.mark.parametrize("all_rows", [True, False])
 def test_sparse_adafactor_equals_dense_optax_adafactor_on_whole_table(all_rows):
   # Elementwise adafactor (no factoring, no block clipping, no parameter scale):
-  # optax on the whole [N, ...] table keeps one step count for all rows. It
+  # optax on the whole [E, ...] table keeps one step count for all rows. It
   # equals the per-expert sparse update when every selected row is selected on
   # every step: (a) all rows every step, or (b) a frozen selection where the
   # dense gradient is zero elsewhere (zero gradient => zero update there).

@@ -29,6 +29,7 @@ from lamini_jax import runs
 from lamini_jax import sharding
 from lamini_jax import train as train_lib
 from lamini_jax import yaml_config
+from lamini_jax_kernels.gather_apply import gather_apply_reference
 
 # A random tiny Llama (odd widths) with a MoME on its last layer: N = 2^8 experts.
 CFG = ModelConfig(vocab_size=67, hidden_size=22, intermediate_size=37, num_layers=3, num_heads=4,
@@ -577,3 +578,25 @@ def test_step_temporaries_do_not_grow_with_the_table(variant):
   leaf_growth = (2**18 - 2**14) * CFG.hidden_size * spec.layer.expert_rank * 4
   growth = _step_temp_bytes(spec, 18) - _step_temp_bytes(spec, 14)
   assert growth < 0.1 * leaf_growth, (growth, leaf_growth)
+
+
+@pytest.mark.slow
+def test_pallas_kernels_in_the_training_path_match_the_reference(params, encoded):
+  # `mome.kernel` reaches prepare, the phase-2 step and loading: a short phase 2 through the
+  # Pallas kernels (TPU interpret mode, on CPU) gives the reference's tables and losses.
+  results = {}
+  for kernel in ("reference", "pallas_interpret"):
+    spec = dataclasses.replace(SPEC, kernel=kernel)
+    model, variables, result = mome_tuning.tune_mome(CFG, params, encoded[:8], spec, TRAIN, pad_id=0,
+                                                     progress=False, stop_after_steps=2)
+    assert model.mome_gather_apply is not gather_apply_reference or kernel == "reference"
+    results[kernel] = (variables[layer_lib.TABLE], float(result.fact_loss.mean()))
+  (want, want_loss), (got, got_loss) = results["reference"], results["pallas_interpret"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                       atol=1e-6), got, want)
+  assert got_loss == pytest.approx(want_loss, rel=1e-5)
+  assert any(np.any(np.asarray(t)) for t in jax.tree.leaves(map_up(want)))  # the steps trained
+
+
+def map_up(tables):
+  return sparse_optim.map_layers(lambda t: t["up"], tables)

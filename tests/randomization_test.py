@@ -9,6 +9,9 @@ import time
 import pytest
 
 from experiments import randomization
+from lamini_jax import evaluate
+from lamini_jax import generate
+from lamini_jax import model as model_lib
 from lamini_jax import runs
 from lamini_jax import yaml_config
 
@@ -87,7 +90,6 @@ def test_sigkill_then_resume_finishes_with_the_same_metrics(tiny_run, tmp_path):
 
 
 def test_evaluate_cli_reloads_a_trained_adapter(tiny_run, tmp_path, capsys):
-  from lamini_jax import evaluate
   run_dir, summary = tiny_run
   cfg = runs.load_run_config(run_dir / "config.yaml")
   facts, _, _ = runs.facts_and_heldout(cfg.data, "random")
@@ -107,3 +109,20 @@ def test_evaluate_cli_reloads_a_trained_adapter(tiny_run, tmp_path, capsys):
   assert evaluate.main(["--run", str(run_dir), "--adapter", "nope"]) == 2
   with pytest.raises(SystemExit):  # a base model and a run at once: which one to evaluate?
     evaluate.main(["--model", runs.resolve_model_path(cfg.model.path), "--run", str(run_dir)])
+
+
+def test_generate_answers_from_a_run_without_exporting(tiny_run, capsys):
+  run_dir, _ = tiny_run
+  trained = runs.load_trained(run_dir, "lora-random")
+  question = runs.facts_and_heldout(trained.config.data, "random")[0][0].question
+  prompt = trained.template.render(question)
+  assert generate.main(["--run", str(run_dir), "--label", "lora-random", "--prompt", prompt,
+                        "--max-new-tokens", "12"]) == 0
+  cli = capsys.readouterr().out.rstrip("\n")
+  sampling = generate.SamplingConfig(max_new_tokens=12)
+  tokenizer = trained.backbone.tokenizer
+  want = generate.generate_text(trained.model, trained.variables, tokenizer, [prompt], sampling)[0]
+  base = generate.generate_text(model_lib.Transformer(trained.backbone.cfg),
+                                {"params": trained.backbone.params}, tokenizer, [prompt], sampling)[0]
+  assert cli == want and want != base  # the run's adapters, not the backbone alone
+  assert generate.main(["--run", str(run_dir), "--label", "nope", "--prompt", prompt]) == 2

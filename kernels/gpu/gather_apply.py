@@ -4,7 +4,7 @@ The op and its backward are composed in `lamini_jax_kernels.gather_apply` from t
 gathered row contractions, which this file implements as Triton kernels
 (`triton.language`, official Triton; not Pallas' deprecated Triton backend).
 Each program loads the selected indices and gathers its table rows by pointer
-arithmetic straight from the [N, ...] table, so no gathered array exists:
+arithmetic straight from the [E, ...] table, so no gathered array exists:
 
   _gather_dot_kernel:     programs over blocks of BLOCK_P slots (P = T * K);
                           a loop over D in BLOCK_D chunks accumulates
@@ -163,7 +163,7 @@ def combine_grid(num_tokens: int, d_size: int, block_sizes: BlockSizes) -> tuple
 
 
 def gather_dot(a_TxD, idx_TxK, table, *, d_axis, block_sizes: BlockSizes = BlockSizes()):
-  """`GatherDotFn` on GPU: z_TxKxR float32. idx must be int32 in [0, N)."""
+  """`GatherDotFn` on GPU: z_TxKxR float32. idx must be int32 in [0, E)."""
   require()
   t, d = a_TxD.shape
   k = idx_TxK.shape[1]
@@ -179,7 +179,7 @@ def gather_dot(a_TxD, idx_TxK, table, *, d_axis, block_sizes: BlockSizes = Block
 
 def gather_combine(c_TxKxR, idx_TxK, table, *, d_axis, out_dtype,
                    block_sizes: BlockSizes = BlockSizes()):
-  """`GatherCombineFn` on GPU: y_TxD in out_dtype. idx must be int32 in [0, N)."""
+  """`GatherCombineFn` on GPU: y_TxD in out_dtype. idx must be int32 in [0, E)."""
   require()
   t, k, r = c_TxKxR.shape
   d = table.shape[d_axis]
@@ -211,15 +211,15 @@ def make(block_sizes: BlockSizes = BlockSizes()) -> ga.GatherApplyFn:
   return ga.make_gather_apply(*contractions(block_sizes))
 
 
-def gather_apply(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation, *,
+def gather_apply(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation, *,
                  block_sizes: BlockSizes = BlockSizes()):
   """y_TxD; see `lamini_jax_kernels.gather_apply` for the math, its custom_vjp for gradients."""
-  return make(block_sizes)(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation)
+  return make(block_sizes)(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation)
 
 
-def gather_apply_vjp(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation, *,
+def gather_apply_vjp(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation, *,
                      block_sizes: BlockSizes = BlockSizes()):
   """(y_TxD, vjp_rows); vjp_rows(dy_TxD) -> (dx_TxD, dw_TxK, RowGrads)."""
   require()
-  return ga.gather_apply_vjp(*contractions(block_sizes), x_TxD, idx_TxK, w_TxK, down_NxDxR,
-                             up_NxRxD, activation)
+  return ga.gather_apply_vjp(*contractions(block_sizes), x_TxD, idx_TxK, w_TxK, down_ExDxR,
+                             up_ExRxD, activation)

@@ -58,7 +58,7 @@ class BlockSizes:
 
 def _row_dims(table: jax.Array, d_axis: int) -> tuple[int, int]:
   if d_axis not in (1, 2) or table.ndim != 3:
-    raise ValueError(f"d_axis={d_axis} must be 1 ([N, D, R]) or 2 ([N, R, D]) of a 3-D table,"
+    raise ValueError(f"d_axis={d_axis} must be 1 ([E, D, R]) or 2 ([E, R, D]) of a 3-D table,"
                      f" got table shape {table.shape}")
   return table.shape[d_axis], table.shape[3 - d_axis]
 
@@ -99,7 +99,7 @@ def gather_dot(
     block_sizes: BlockSizes = BlockSizes(),
     interpret: Interpret = False,
 ) -> jax.Array:
-  """`GatherDotFn`: z_TxKxR float32. idx must be int32 in [0, N)."""
+  """`GatherDotFn`: z_TxKxR float32. idx must be int32 in [0, E)."""
   t, d = a_TxD.shape
   k = idx_TxK.shape[1]
   d_table, r = _row_dims(table, d_axis)
@@ -169,7 +169,7 @@ def gather_combine(
     block_sizes: BlockSizes = BlockSizes(),
     interpret: Interpret = False,
 ) -> jax.Array:
-  """`GatherCombineFn`: y_TxD in out_dtype. idx must be int32 in [0, N)."""
+  """`GatherCombineFn`: y_TxD in out_dtype. idx must be int32 in [0, E)."""
   t, k, r_c = c_TxKxR.shape
   d, r = _row_dims(table, d_axis)
   if r_c != r:
@@ -223,14 +223,14 @@ def make(block_sizes: BlockSizes = BlockSizes(), interpret: Interpret = False) -
   return ga.make_gather_apply(*contractions(block_sizes, interpret))
 
 
-def gather_apply(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation, *,
+def gather_apply(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation, *,
                  block_sizes: BlockSizes = BlockSizes(), interpret: Interpret = False):
   """y_TxD; see `lamini_jax_kernels.gather_apply` for the math, its custom_vjp for gradients."""
-  return make(block_sizes, interpret)(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation)
+  return make(block_sizes, interpret)(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation)
 
 
-def gather_apply_vjp(x_TxD, idx_TxK, w_TxK, down_NxDxR, up_NxRxD, activation, *,
+def gather_apply_vjp(x_TxD, idx_TxK, w_TxK, down_ExDxR, up_ExRxD, activation, *,
                      block_sizes: BlockSizes = BlockSizes(), interpret: Interpret = False):
   """(y_TxD, vjp_rows); vjp_rows(dy_TxD) -> (dx_TxD, dw_TxK, RowGrads)."""
   return ga.gather_apply_vjp(*contractions(block_sizes, interpret), x_TxD, idx_TxK, w_TxK,
-                             down_NxDxR, up_NxRxD, activation)
+                             down_ExDxR, up_ExRxD, activation)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import jax
 
 from lamini_jax import train as train_lib
+from lamini_jax_kernels import dispatch
 from lamini_jax import yaml_config
 
 
@@ -201,6 +202,9 @@ class MomeTuningConfig:
   positions that predict a trained token, `answer_positions`; the experts of
   prompt tokens, which general text selects too, stay as they were) or "all".
   `anchor`: the phase-2 penalty that keeps the MoME silent on other text.
+  `kernel`: the gather-and-apply implementation every phase, evaluation and
+  loading use (`lamini_jax_kernels.dispatch.IMPLS`; "auto" picks one for the
+  backend and logs which and why).
   `key_match` (0: off; needs `threshold` > 0): before phase 2, the experts of
   the facts' answer positions are keyed to them (`key_rows`), so that an
   expert fires only on inputs that project onto its facts' mean input at
@@ -216,6 +220,7 @@ class MomeTuningConfig:
   margin: float = 1.0
   recall_every: int = 2
   train_positions: str = "answer"
+  kernel: str = "auto"
   seed: int = 0
   generalization: GeneralizationConfig = GeneralizationConfig()
   anchor: AnchorConfig = AnchorConfig()
@@ -230,6 +235,8 @@ class MomeTuningConfig:
     if self.balance_rounds < 0 or self.balance_rate < 0:
       raise ValueError(f"mome.balance_rounds={self.balance_rounds} and mome.balance_rate="
                        f"{self.balance_rate} must be >= 0")
+    if self.kernel not in dispatch.IMPLS:
+      raise ValueError(f"mome.kernel must be one of {list(dispatch.IMPLS)}, got {self.kernel!r}")
     if self.train_positions not in TRAIN_POSITIONS:
       raise ValueError(f"mome.train_positions must be one of {list(TRAIN_POSITIONS)}, got"
                        f" {self.train_positions!r}")

@@ -25,8 +25,8 @@ from lamini_jax.mome.anchors import ANCHOR, anchor_penalty
 from lamini_jax.mome.config import AnchorConfig, MomeTuningConfig
 from lamini_jax.mome.inputs import layer_paths, tree_set
 from lamini_jax.mome.layer import DELTA, FOCUS, OUT, ROUTER, TABLE, UNIQ
-from lamini_jax.mome.sparse_optim import (dense_step, map_layers, sparse_step_layers, trained_leaves,
-                                          zero_deltas)
+from lamini_jax.mome.sparse_optim import (LEAVES, dense_step, map_layers, sparse_step_layers,
+                                          trained_leaves, zero_deltas)
 from lamini_jax import train as train_lib
 
 
@@ -100,6 +100,23 @@ def _pad_to(a_BxT: jax.Array, width: int, value) -> jax.Array:
   return jnp.pad(a_BxT, ((0, 0), (0, width - a_BxT.shape[1])), constant_values=value)
 
 
+def _sparse_rows_step(loss_of: Callable, tables: Any, row_state: Any, num_rows: int,
+                      leaves: tuple[str, ...], tx: optax.GradientTransformation, mesh: Mesh | None,
+                      dense: Any = None) -> tuple[Any, Any, Any, Any]:
+  """The path every sparse step shares: gradient of the gathered rows, per-row update, write back.
+
+  `loss_of(deltas, dense) -> (objective, (aux, uniqs))` runs the model with the zero
+  "mome_delta" rows of `leaves` (and `dense`, parameters updated densely, e.g. phase 1's
+  router); the rows it gathered ("mome_uniq") and their optimizer state are updated
+  in place. Returns (tables, row_state, aux, gradient of `dense`).
+  """
+  deltas = zero_deltas(tables, num_rows, leaves)
+  (_, (aux, uniqs)), (g_rows, g_dense) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
+      deltas, dense)
+  tables, row_state = sparse_step_layers(tables, row_state, g_rows, uniqs, tx=tx, mesh=mesh)
+  return tables, row_state, aux, g_dense
+
+
 def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
                      mesh: Mesh | None = None, margin: float = 0.0,
                      train_positions: str = "answer", rows: int | None = None,
@@ -138,7 +155,7 @@ def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
     objective, nll = _objective(model, frozen, logits[:b], tokens_BxT[:b], mask_BxT[:b], margin)
     if anchor_mask_BxT is not None:
       objective = objective + anchor.weight * anchor_penalty(aux[OUT], anchor_mask_BxT)
-    return objective, (*nll, aux[UNIQ])
+    return objective, (nll, aux[UNIQ])
 
   def step(state: train_lib.TrainState, frozen, tokens_BxT, mask_BxT):
     anchor_mask_BxT, all_tokens, all_mask = None, tokens_BxT, mask_BxT
@@ -152,11 +169,10 @@ def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
       all_mask = jnp.concatenate([_pad_to(mask_BxT, width, 0),
                                   jnp.zeros((anchor.batch_size, width), mask_BxT.dtype)])
     num_rows = all_tokens.size * slots if rows is None or not focused else rows
-    deltas = zero_deltas(state.trainable, num_rows, leaves)
-    (_, (loss, row_sum, row_count, uniqs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        deltas, state.trainable, frozen, all_tokens, all_mask, anchor_mask_BxT)
-    tables, opt_state = sparse_step_layers(state.trainable, state.opt_state, grads, uniqs,
-                                                tx=tx, mesh=mesh)
+    loss_of = lambda deltas, _: loss_fn(deltas, state.trainable, frozen, all_tokens, all_mask,
+                                        anchor_mask_BxT)
+    tables, opt_state, (loss, row_sum, row_count), _ = _sparse_rows_step(
+        loss_of, state.trainable, state.opt_state, num_rows, leaves, tx, mesh)
     new_state = state.replace(step=state.step + 1, trainable=tables, opt_state=opt_state)
     if focused:
       needed = jnp.minimum(jnp.sum(focus_positions(mask_BxT)) * slots, model.mome.num_experts) + 1
@@ -207,21 +223,20 @@ def make_generalization_step(model: Transformer, router_tx: optax.GradientTransf
   """
   slots = model.mome.slots
 
-  def loss_fn(router, deltas, tables, frozen, tokens_BxT, mask_BxT):
+  def loss_fn(deltas, router, tables, frozen, tokens_BxT, mask_BxT):
     variables = {**frozen, ROUTER: router, TABLE: tables, DELTA: deltas}
     (logits, _), aux = model.apply(variables, tokens_BxT, mutable=[UNIQ])
-    loss, row_sum, row_count = train_lib.token_nll(logits, tokens_BxT, mask_BxT)
-    return loss, (row_sum, row_count, aux[UNIQ])
+    nll = train_lib.token_nll(logits, tokens_BxT, mask_BxT)
+    return nll[0], (nll, aux[UNIQ])
 
   def step(state: train_lib.TrainState, frozen, tokens_BxT, mask_BxT):
     router, tables = state.trainable["router"], state.trainable["table"]
-    deltas = zero_deltas(tables, tokens_BxT.size * slots)
-    (loss, (row_sum, row_count, uniqs)), (g_router, g_rows) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(router, deltas, tables, frozen, tokens_BxT, mask_BxT)
+    loss_of = lambda deltas, router: loss_fn(deltas, router, tables, frozen, tokens_BxT, mask_BxT)
+    tables, row_state, (loss, row_sum, row_count), g_router = _sparse_rows_step(
+        loss_of, tables, state.opt_state["table"], tokens_BxT.size * slots, LEAVES, row_tx, mesh,
+        dense=router)
     updates, router_state = router_tx.update(g_router, state.opt_state["router"], router)
     router = optax.apply_updates(router, updates)
-    tables, row_state = sparse_step_layers(tables, state.opt_state["table"], g_rows, uniqs,
-                                                tx=row_tx, mesh=mesh)
     new_state = state.replace(step=state.step + 1, trainable={"router": router, "table": tables},
                               opt_state={"router": router_state, "table": row_state})
     return new_state, _metrics(loss, row_sum, row_count)

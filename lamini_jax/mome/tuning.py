@@ -44,7 +44,8 @@ from lamini_jax.mome.steps import focus_rows, make_generalization_step, make_tun
 from lamini_jax.mome.table import key_rows
 from lamini_jax import sharding
 from lamini_jax import train as train_lib
-from lamini_jax_kernels.gather_apply import GatherApplyFn, gather_apply_reference
+from lamini_jax_kernels import dispatch
+from lamini_jax_kernels.gather_apply import GatherApplyFn
 
 
 # Inside a MoME run's store (`train.RunPaths.store`): the frozen router and balance
@@ -55,14 +56,18 @@ COLLISIONS_FILE = "collisions.json"
 
 
 def mome_model(cfg: ModelConfig, spec: MomeTuningConfig, *, mesh: Mesh | None = None,
-               gather_apply: GatherApplyFn = gather_apply_reference) -> Transformer:
-  """The backbone with a MoME residual branch at `spec.layers`."""
+               gather_apply: GatherApplyFn | None = None) -> Transformer:
+  """The backbone with a MoME residual branch at `spec.layers`.
+
+  `gather_apply` overrides the implementation `spec.kernel` names (`lamini_jax_kernels.dispatch`).
+  """
   bad = [i for i in spec.layers if i >= cfg.num_layers]
   if bad:
     raise ValueError(f"mome.layers {list(spec.layers)}: layer {bad[0]} is outside 0..{cfg.num_layers - 1}"
                      " of the backbone")
   return Transformer(cfg, mome=spec.layer_config(cfg.hidden_size), mome_layers=tuple(spec.layers),
-                     mome_gather_apply=gather_apply, mome_mesh=mesh)
+                     mome_gather_apply=gather_apply or dispatch.get_gather_apply(spec.kernel),
+                     mome_mesh=mesh)
 
 
 def _mome_collections(model: Transformer, key: jax.Array) -> dict[str, Any]:
@@ -221,7 +226,7 @@ def prepare(cfg: ModelConfig, params: Any, encoded: Sequence[encoding.EncodedFac
             spec: MomeTuningConfig, *, pad_id: int, general_windows: np.ndarray | None = None,
             paths: train_lib.RunPaths | None = None, general_paths: train_lib.RunPaths | None = None,
             label: str = "mome", resume: bool = False, progress: bool = True,
-            mesh: Mesh | None = None, gather_apply: GatherApplyFn = gather_apply_reference) -> Prepared:
+            mesh: Mesh | None = None, gather_apply: GatherApplyFn | None = None) -> Prepared:
   """Phase 1 (or its cache), the optional balance, and the collision report of the facts.
 
   With `paths`, the frozen router and balance are written to `paths.store` with
@@ -277,7 +282,7 @@ def tune_mome(cfg: ModelConfig, params: Any, encoded: Sequence[encoding.EncodedF
               label: str = "mome", resume: bool = False, progress: bool = True,
               on_epoch: Callable | None = None, stop_after_steps: int | None = None,
               general_windows: np.ndarray | None = None, prepared: Prepared | None = None,
-              mesh: Mesh | None = None, gather_apply: GatherApplyFn = gather_apply_reference,
+              mesh: Mesh | None = None, gather_apply: GatherApplyFn | None = None,
               anchors: dict[str, np.ndarray] | None = None,
               ) -> tuple[Transformer, dict[str, Any], train_lib.FitResult]:
   """Memorizes `encoded` facts into their selected experts; returns (model, variables, result).
