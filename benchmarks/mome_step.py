@@ -204,10 +204,11 @@ def _run_data(config: runs.RunConfig) -> _RunData:
   encoded = encoding.encode_facts(backbone.tokenizer, template, facts, config.data.max_len)
   train = config.mome.train
   batch = next(iter(batch_lib.epoch_batches(encoded, train.batch_size, train.seq_len, 0, train.seed, 0,
-                                           train.length_bucket)))
+                                            train.length_bucket)))
   pad = backbone.tokenizer.pad_token_id or 0
+  anchors = runs.anchor_pool(config, backbone.tokenizer, template, pad)
   return _RunData(config, backbone.cfg, backbone.params, encoded, jnp.asarray(batch.tokens_BxT),
-                  jnp.asarray(batch.loss_mask_BxT), runs.anchor_pool(config, backbone.tokenizer, template, pad))
+                  jnp.asarray(batch.loss_mask_BxT), anchors)
 
 
 def _spec(config: runs.RunConfig, log2_n: int) -> mome_config.MomeTuningConfig:

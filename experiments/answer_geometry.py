@@ -17,7 +17,7 @@ layer's inputs over positions 0..t. Per layer, position and feature it prints:
 - NN f>f, NN h>f: mean distance from a fact to its nearest other fact, and from
   a held-out question to its nearest fact;
 - fires: the share of (held-out question, fact) pairs where a key built from
-  the fact's input alone, as `mome.key_rows` builds it, fires on the held-out
+  the fact's input alone, as `mome.table.key_rows` builds it, fires on the held-out
   input (projection >= `mome.key_match` of the key's length); "centered": the
   same with the mean above subtracted from every input first.
 

@@ -174,7 +174,7 @@ def config_jobs(run: runs.RunConfig, backbone: Backbone,
   jobs = []
   for answers in run.answers:
     lengths = None if over.tokens_per_fact is not None else fact_lengths(run, answers,
-                                                                          backbone.model_dir)
+                                                                         backbone.model_dir)
     if lengths is not None:
       tokens, mean_len = lengths.sum(), (lengths**2).sum() / lengths.sum()
       source = f"measured: {len(lengths)} facts, {tokens / len(lengths):.1f} tokens/fact"

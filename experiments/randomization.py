@@ -87,6 +87,7 @@ def run(cfg: runs.RunConfig, resume: bool = False, progress: bool = True) -> dic
   if not resume:
     run.metrics_file.unlink(missing_ok=True)
 
+  mesh = cfg.mesh.build()  # the MoME tables' mesh; None on one device
   backbone = runs.load_backbone(cfg.model)
   model_cfg, params, tokenizer = backbone.cfg, backbone.params, backbone.tokenizer
   template = runs.prompt_template(cfg.data)
@@ -129,8 +130,8 @@ def run(cfg: runs.RunConfig, resume: bool = False, progress: bool = True) -> dic
     t_method = time.perf_counter()
     if method == "lora":
       hook = eval_lib.recall_callback(lora_tuning.lora_model(model_cfg, cfg.lora),
-                                lambda state: {"params": params, "lora": state.trainable}, tokenizer,
-                                facts, template, cfg.eval.recall_every, cfg.eval.stop_at_full_recall)
+                                      lambda state: {"params": params, "lora": state.trainable}, tokenizer,
+                                      facts, template, cfg.eval.recall_every, cfg.eval.stop_at_full_recall)
       model, variables, result = lora_tuning.tune_lora(
           model_cfg, params, encoded, cfg.lora, train_cfg, pad_id=pad_id,
           paths=run.paths(label), label=label, resume=resume, progress=progress, on_epoch=hook)
@@ -139,16 +140,16 @@ def run(cfg: runs.RunConfig, resume: bool = False, progress: bool = True) -> dic
           model_cfg, params, encoded, cfg.mome, pad_id=pad_id,
           general_windows=runs.general_windows(cfg, tokenizer), paths=run.paths(label),
           general_paths=run.paths(runs.GENERAL_LABEL), label=label,
-          resume=resume, progress=progress)
+          resume=resume, progress=progress, mesh=mesh)
       hook = eval_lib.recall_callback(prepared.model, prepared.variables_of, tokenizer, facts, template,
-                                cfg.mome.recall_every, cfg.eval.stop_at_full_recall)
+                                      cfg.mome.recall_every, cfg.eval.stop_at_full_recall)
       t_anchor = time.perf_counter()
       anchors = runs.anchor_pool(cfg, tokenizer, template, pad_id)
       prepare_seconds = prepared.seconds + time.perf_counter() - t_anchor
       model, variables, result = mome_tuning.tune_mome(
           model_cfg, params, encoded, cfg.mome, train_cfg, pad_id=pad_id, paths=run.paths(label),
           label=label, resume=resume, progress=progress, on_epoch=hook, prepared=prepared,
-          anchors=anchors)
+          anchors=anchors, mesh=mesh)
       mome_figures[label] = {"prepare_seconds": prepare_seconds,
                              "generalization_seconds": prepared.generalization_seconds,
                              "collisions": prepared.collisions}
@@ -190,7 +191,8 @@ def run(cfg: runs.RunConfig, resume: bool = False, progress: bool = True) -> dic
       "backbone": str(cfg.model.path), "dataset": cfg.data.dataset, "n_facts": len(any_facts),
       "n_heldout": len(held), "mmlu_scored": models["base"].get("mmlu_scored", 0),
       "mmlu_k": cfg.eval.mmlu_k, "ppl_windows": cfg.eval.ppl_windows, "corpus": cfg.eval.corpus,
-      "machine": _machine(), "wall_seconds": time.perf_counter() - t_start, "models": models,
+      "machine": _machine(), "mesh": {"data": cfg.mesh.data, "expert": cfg.mesh.expert},
+      "wall_seconds": time.perf_counter() - t_start, "models": models,
   }
   (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   mome_text = mome_table(summary)

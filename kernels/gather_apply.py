@@ -44,8 +44,8 @@ rows and the scatter-add sums duplicate slots. Inside `jax.shard_map` (the
 row-sharded table of `lamini_jax.sharding.shard_gather_apply`) kernel outputs
 carry the manual axes their inputs vary over (`out_struct`, `match_varying`).
 
-Shape letters: T tokens, K expert slots per token, E experts, D model width,
-R expert rank, P = T * K slots.
+Shape letters are the package legend's (`lamini_jax/__init__.py`): T tokens, K expert slots
+per token, E experts, D model width, R expert rank, P = T * K slots.
 """
 
 from collections.abc import Callable

@@ -314,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tqa: Sequence[sources.TruthfulQAItem] = ()
     if args.truthfulqa:
       _, tqa = facts_lib.split_items(sources.load_truthfulqa(args.data_dir), 0, args.truthfulqa,
-                                    args.seed)
+                                     args.seed)
     heldout = load_heldout(tokenizer, args.data_dir, tqa, args.mmlu, args.mmlu_k, args.ppl_windows,
                            args.ppl_seq_len, template, args.seed)
     metrics = heldout_metrics(model, variables, tokenizer, heldout)

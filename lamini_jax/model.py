@@ -257,7 +257,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
   """Decoder-only LM. Returns float32 logits [B, T, V] and the updated cache.
 
-  A MoME layer (`lamini_jax.mome.MomeLayer` with config `mome`) is added as a
+  A MoME layer (`lamini_jax.mome.layer.MomeLayer` with config `mome`) is added as a
   residual branch beside the MLP of each layer in `mome_layers`, its variables
   under `layers_<i>/mome` in the MoME collections. `mome_gather_apply` is the
   gather-and-apply implementation (reference or a kernel); `mome_mesh` shards

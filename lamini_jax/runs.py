@@ -20,6 +20,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
+from jax.sharding import Mesh
 import numpy as np
 
 from lamini_jax.checkpoint import Checkpointer
@@ -30,6 +31,7 @@ from lamini_jax.data import sources
 from lamini_jax import hf
 from lamini_jax.lora import LoraConfig
 from lamini_jax import lora_tuning
+from lamini_jax import sharding
 from lamini_jax.model import Transformer
 from lamini_jax.mome.config import MomeTuningConfig
 from lamini_jax.mome import anchors as anchors_lib
@@ -99,6 +101,29 @@ class EvalSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  """The device mesh of a run: tokens split over `data`, every expert table's rows over `expert`."""
+
+  data: int = 1
+  expert: int = 1
+
+  def __post_init__(self):
+    for name in ("data", "expert"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"mesh.{name} must be a positive int, got {getattr(self, name)!r}")
+
+  def build(self) -> Mesh | None:
+    """The mesh (None for one device: the library's unsharded path)."""
+    if self.data * self.expert == 1:
+      return None
+    try:
+      return sharding.make_mesh(self.data, self.expert)
+    except ValueError as e:
+      raise ValueError(f"mesh: {e} (on a CPU, simulate devices with XLA_FLAGS="
+                       f"--xla_force_host_platform_device_count={self.data * self.expert})") from None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   """One randomization experiment (or one memory-tuning job)."""
 
@@ -108,6 +133,7 @@ class RunConfig:
   train: train_lib.TrainConfig = train_lib.TrainConfig()
   mome: MomeTuningConfig = MomeTuningConfig()
   eval: EvalSpec = EvalSpec()
+  mesh: MeshSpec = MeshSpec()
   method: str = "lora"
   answers: tuple[str, ...] = ("real", "random")
   run_dir: str = "runs/randomization"

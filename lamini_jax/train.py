@@ -1,8 +1,9 @@
-"""Memory tuning: the pure train step and the host loop around it.
+"""The host loop of memory tuning, around a pure train step, and what every step shares.
 
-The step is one pure function `(state, frozen, tokens, mask) -> (state, metrics)`,
-jitted once with the state donated; the frozen backbone is an argument that is
-never differentiated and never updated. The host loop dispatches step t before it
+A step is one pure function `(state, frozen, tokens, mask) -> (state, metrics)`,
+jitted once with the state donated (LoRA's in `lora_tuning`, MoME's in
+`mome.steps`); the frozen backbone is an argument that is never differentiated
+and never updated. The host loop dispatches step t before it
 reads the metrics of step t-1, keeps each fact's loss of the current epoch, writes
 one JSON line per epoch, checkpoints every N steps and resumes exactly.
 """
@@ -206,7 +207,7 @@ def fit(step_fn: Callable, state: TrainState, frozen: Any, encoded: Sequence[enc
     t_epoch = time.perf_counter()
     pending = None
     for b, batch in enumerate(batch_lib.epoch_batches(encoded, cfg.batch_size, cfg.seq_len, pad_id,
-                                                     cfg.seed, epoch, cfg.length_bucket)):
+                                                      cfg.seed, epoch, cfg.length_bucket)):
       if epoch == start_epoch and b < start_batch:
         continue
       state, metrics = step_fn(state, frozen, jnp.asarray(batch.tokens_BxT), jnp.asarray(batch.loss_mask_BxT))

@@ -280,7 +280,7 @@ def test_hub_truthfulqa_schema(monkeypatch, no_local_data):
   assert hub.calls == [("truthfulqa/truthful_qa", "generation", "validation")]
   assert items == [
       sources.TruthfulQAItem("Q one?", "Best one", ("Also right", "Best one"), ("Wrong a", "Wrong b"),
-                          "Misconceptions"),
+                             "Misconceptions"),
       sources.TruthfulQAItem("Q two?", "Best two", ("Best two",), ("Wrong c",), "Law")]
 
 
@@ -323,7 +323,10 @@ def test_random_answers():
   answers = [facts_lib.random_answer(7, i) for i in range(500)]
   assert all(RANDOM_RE.fullmatch(a) for a in answers)
   assert len(set(answers)) == 500
-  assert answers == [facts_lib.random_answer(7, i) for i in range(500)]
+  # Golden values: the random answers of a seed are part of an experiment's definition, so they
+  # must not move between versions of numpy or of this code.
+  assert (answers[0], answers[499]) == ("2MSWTXZMT5EJUNSGZ3GIVZU31RC7YO5C", "4BY6UGS1FVF7BKYUL6HSDS5WCIR41477")
+  assert facts_lib.random_answer(0, 0) == "RS18BF38IL5PJ3JOXTDA514T3LQ2EKEQ"
   assert facts_lib.random_answer(8, 0) != answers[0]
   assert set("".join(answers)) == set(facts_lib.RANDOM_ANSWER_ALPHABET)
   counts = np.unique(list("".join(answers)), return_counts=True)[1]

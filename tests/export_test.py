@@ -27,6 +27,7 @@ from lamini_jax import evaluate as eval_lib
 from lamini_jax import export
 from lamini_jax import generate as gen
 from lamini_jax import hf
+from lamini_jax.hf_mome import configuration_lamini_mome as remote_config
 from lamini_jax.hf_mome import modeling_lamini_mome
 from lamini_jax.lora import LoraConfig
 from lamini_jax import lora_tuning
@@ -77,7 +78,7 @@ def lora_run(stories, stories_dir, stories_tokenizer, facts, encoded, tmp_path_f
   cfg, params = stories
   run_dir = tmp_path_factory.mktemp("run")
   run_cfg = runs.RunConfig(model=runs.ModelSpec(path=str(stories_dir)), lora=LORA, train=TRAIN,
-                         run_dir=str(run_dir))
+                           run_dir=str(run_dir))
   (run_dir / runs.CONFIG_FILE).write_text(yaml_config.dump(run_cfg))
   hook = _recall_hook(lora_tuning.lora_model(cfg, LORA), lambda s: {"params": params, "lora": s.trainable},
                       stories_tokenizer, facts)
@@ -159,7 +160,7 @@ def test_torch_router_matches_route_with_ties_and_bias():
   # Integer-valued router weights and inputs: scores are exact, so ties are real and
   # must be broken as lamini_jax does (lower sub-key, then lower expert index).
   cfg = mome_config.MomeConfig(num_experts=35, embed_dim=7, expert_rank=2, num_heads=3, key_dim=4, top_k=6,
-                        activation="gelu", sub_keys=(5, 7), threshold=0.7)
+                               activation="gelu", sub_keys=(5, 7), threshold=0.7)
   rng = np.random.default_rng(0)
   router = {k: rng.integers(-1, 2, s).astype(np.float32) for k, s in router_lib.router_shapes(cfg).items()}
   balance = {"bias1": rng.integers(-1, 2, (3, 5)).astype(np.float32),
@@ -168,7 +169,7 @@ def test_torch_router_matches_route_with_ties_and_bias():
            "up": rng.normal(size=(35, 2, 7)).astype(np.float32)}
   x_TxD = rng.integers(-2, 3, (13, 7)).astype(np.float32)
   idx, w = router_lib.route(jax.tree.map(jnp.asarray, router), jnp.asarray(x_TxD), cfg,
-                      jax.tree.map(jnp.asarray, balance))
+                            jax.tree.map(jnp.asarray, balance))
   layer = _torch_mome({"layers": [0], "num_experts": 35, "sub_keys": [5, 7], "expert_rank": 2,
                        "num_heads": 3, "key_dim": 4, "top_k": 6, "activation": "gelu",
                        "threshold": 0.7}, 7)
@@ -312,7 +313,7 @@ def test_mistral_mome_export_with_untied_head_and_sliding_window(tmp_path):
                               num_kv_heads=2, head_dim=6, architecture="mistral", sliding_window=5,
                               max_position_embeddings=64)
   mome_cfg = mome_config.MomeConfig(num_experts=30, embed_dim=24, expert_rank=2, num_heads=2, key_dim=6, top_k=3,
-                             activation="silu", sub_keys=(5, 6), threshold=0.5)
+                                    activation="silu", sub_keys=(5, 6), threshold=0.5)
   model = model_lib.Transformer(cfg, mome=mome_cfg, mome_layers=(0, 2))
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   variables = nn.meta.unbox(variables)
@@ -327,7 +328,7 @@ def test_mistral_mome_export_with_untied_head_and_sliding_window(tmp_path):
   tokens = np.random.default_rng(2).integers(0, 97, (2, 13))
   _check_logits(tm, model, variables, tokens)
   base = np.asarray(jax.jit(model_lib.Transformer(cfg).apply)({"params": variables["params"]},
-                                                             jnp.asarray(tokens))[0])
+                                                              jnp.asarray(tokens))[0])
   with torch.no_grad():
     assert np.abs(tm(torch.tensor(tokens)).logits.numpy() - base).max() > 0.1  # the MoME branch matters
   back, back_vars, _ = export.load_export(out)
@@ -341,7 +342,7 @@ def test_mistral_mome_export_with_untied_head_and_sliding_window(tmp_path):
 def test_mome_run_exports_through_the_command_line(mome_run, stories_dir, encoded, tmp_path):
   run_dir, model, variables, steps = mome_run
   run_cfg = runs.RunConfig(model=runs.ModelSpec(path=str(stories_dir)), method="mome", mome=MOME,
-                         run_dir=str(run_dir))
+                           run_dir=str(run_dir))
   (run_dir / runs.CONFIG_FILE).write_text(yaml_config.dump(run_cfg))
   out = tmp_path / "mome"
   assert export.main(["--checkpoint", str(run_dir), "--adapter", MOME_LABEL, "--out", str(out),
@@ -406,3 +407,19 @@ def test_out_dir_is_never_silently_overwritten(tmp_path, stories):
   with pytest.raises(export.ExportError, match="not a lamini-jax export"):
     export.export_merged(out, cfg, params, lora_vars, LORA, overwrite=True)
   assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_mome_export_fields_are_the_layer_config_s():
+  # The `mome` field of a MoME export is MomeConfig's field list (its width excepted), and the
+  # remote code shipped with the export reads exactly those.
+  layer_fields = {f.name for f in dataclasses.fields(mome_config.MomeConfig)} - {"embed_dim"}
+  assert set(export.MOME_HF_FIELDS) == layer_fields
+  read_by_remote = set(remote_config._INT_FIELDS) | {"activation", "sub_keys", "threshold"}
+  assert read_by_remote == layer_fields
+  cfg = mome_config.MomeConfig(num_experts=35, embed_dim=7, expert_rank=2, num_heads=3, key_dim=4,
+                               top_k=6, activation="relu", sub_keys=(5, 7), threshold=0.5)
+  backbone = model_lib.ModelConfig(vocab_size=11, hidden_size=7, intermediate_size=5, num_layers=2,
+                                   num_heads=1, num_kv_heads=1, head_dim=7, max_position_embeddings=16)
+  spec = export.mome_hf_config(model_lib.Transformer(backbone, mome=cfg, mome_layers=(1,)))
+  got = export.mome_config_of(spec, 7)  # sub_keys None: (5, 7) is 35's default split
+  assert got.grid == cfg.grid and dataclasses.replace(got, sub_keys=cfg.sub_keys) == cfg

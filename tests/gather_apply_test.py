@@ -225,7 +225,7 @@ def test_mome_layer_with_kernel_matches_reference_within_bf16():
   """
   dtype = jnp.bfloat16
   cfg = mome_config.MomeConfig(num_experts=15, embed_dim=11, expert_rank=2, num_heads=2, key_dim=4,
-                        top_k=2, activation="gelu", sub_keys=(3, 5))
+                               top_k=2, activation="gelu", sub_keys=(3, 5))
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, cfg.embed_dim)).astype(dtype)
   variables = nn.unbox(jax.jit(layer_lib.MomeLayer(cfg).init)({"params": jax.random.PRNGKey(1)}, x))
   keys = jax.random.split(jax.random.PRNGKey(2), 2)
@@ -259,7 +259,7 @@ def test_mome_layer_with_kernel_matches_reference_within_bf16():
 def test_kernel_in_shard_map_over_row_sharded_table_matches_reference():
   """apply_experts on a (2 data x 4 expert) mesh: forward and gradients, kernel vs reference."""
   cfg = mome_config.MomeConfig(num_experts=16, embed_dim=9, expert_rank=2, num_heads=2, key_dim=4,
-                        top_k=2, activation="gelu")
+                               top_k=2, activation="gelu")
   mesh = sharding.make_mesh(2, 4)
   x, idx, w, _, _, _ = _inputs(Case(tokens=6, slots=cfg.slots, experts=16, width=9, rank=2),
                                jnp.float32, seed=6)

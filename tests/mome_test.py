@@ -196,7 +196,7 @@ def _batch(seed, cfg=CFG, tokens=TOKENS, max_expert=None):
 
 def test_key_rows_equal_float64_and_fire_only_near_their_inputs():
   cfg = mome_config.MomeConfig(num_experts=16, embed_dim=6, expert_rank=2, num_heads=1, key_dim=4, top_k=2,
-                        activation="relu", threshold=2.0)
+                               activation="relu", threshold=2.0)
   table = table_lib.init_table(jax.random.key(0), cfg)
   before = jax.tree.map(np.asarray, table)
   rng = np.random.default_rng(1)
@@ -292,7 +292,7 @@ def test_sparse_step_is_in_place_with_no_table_sized_temporary():
   # must be aliased to the outputs, and the step's scratch memory must not hold
   # anything close to one [E, D, R] table.
   cfg = mome_config.MomeConfig(num_experts=2**16, embed_dim=8, expert_rank=1, num_heads=2, key_dim=8,
-                        top_k=4)
+                               top_k=4)
   tx = optax.adafactor(1e-2)
   spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype)
   table = jax.tree.map(spec, table_lib.table_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))

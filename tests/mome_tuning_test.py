@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import randomization
 from lamini_jax.config import ModelConfig
 from lamini_jax.data import batches as batch_lib
 from lamini_jax.data import encoding
@@ -171,7 +172,7 @@ def test_answer_focus_trains_only_experts_of_positions_that_predict_answers(para
   x = inputs_lib.layer_inputs(model, start, tokens)["layers_1/mome"]
   router = start[layer_lib.ROUTER]["layers_1"]["mome"]
   idx_TxK, _ = router_lib.route(router, x.reshape(-1, CFG.hidden_size), model.mome,
-                          start[layer_lib.BALANCE]["layers_1"]["mome"])
+                                start[layer_lib.BALANCE]["layers_1"]["mome"])
   focus = np.asarray(steps_lib.focus_positions(mask))
   np.testing.assert_array_equal(focus[:, :-1], np.asarray(mask)[:, 1:] > 0)
   idx = np.asarray(idx_TxK).reshape(*focus.shape, -1)
@@ -199,7 +200,7 @@ def test_keyed_experts_fire_on_their_facts_and_train_up_only(params, encoded):
   x, fact_P = inputs_lib.fact_inputs(model, start, encoded)
   x = x["layers_2/mome"]
   idx, _ = router_lib.route(start[layer_lib.ROUTER]["layers_2"]["mome"], jnp.asarray(x), model.mome,
-                      start[layer_lib.BALANCE]["layers_2"]["mome"])
+                            start[layer_lib.BALANCE]["layers_2"]["mome"])
   idx = np.asarray(idx)
   down = np.asarray(prepared.table["layers_2"]["mome"]["down"])
   z_PxK = np.einsum("PD,PKD->PK", x, down[idx][..., 0]) - spec.layer.threshold
@@ -266,7 +267,7 @@ def test_sparse_step_applies_the_dense_gradient_to_the_trained_rows_only(params,
   def dense_objective(t):
     (logits, _), aux = model.apply({**prepared.frozen, layer_lib.TABLE: t}, all_tokens, mutable=[layer_lib.OUT])
     objective, (nll, _, _) = steps_lib._objective(model, prepared.frozen, logits[:4], all_tokens[:4],
-                                            all_mask[:4], SPEC.margin)
+                                                  all_mask[:4], SPEC.margin)
     penalty = 0.0
     for y in jax.tree.leaves(aux[layer_lib.OUT]):  # the anchors' rows and real tokens, written out
       sq = jnp.sum(y[4:, :12] ** 2, axis=-1)
@@ -280,7 +281,7 @@ def test_sparse_step_applies_the_dense_gradient_to_the_trained_rows_only(params,
   for name in ("layers_0", "layers_2"):
     router = prepared.frozen[layer_lib.ROUTER][name]["mome"]
     idx, _ = router_lib.route(router, x[f"{name}/mome"].reshape(-1, CFG.hidden_size), model.mome,
-                        prepared.frozen[layer_lib.BALANCE][name]["mome"])
+                              prepared.frozen[layer_lib.BALANCE][name]["mome"])
     trained = np.unique(np.asarray(idx).reshape(*focus.shape, -1)[focus])
     others = np.setdiff1d(np.arange(spec.layer.num_experts), trained)
     for part in ("down", "up"):
@@ -322,7 +323,7 @@ def test_anchor_sequences_and_spare_questions():
   template = encoding.PromptTemplate()
   cfg = mome_config.AnchorConfig(weight=1.0, seq_len=40, windows=3)
   pool = anchors_lib.anchor_sequences(tok, template, cfg, [("q one", "a"), ("a much longer question, " * 3, "b")],
-                              None, pad_id=0)
+                                      None, pad_id=0)
   assert pool["tokens"].shape == (2, 40) and pool["mask"].shape == (2, 40)
   encoded = encoding.encode_facts(tok, template, [facts_lib.Fact("q one", "a", "x")], 10**9)[0]
   n = len(encoded.tokens)
@@ -498,9 +499,9 @@ def test_random_facts_are_recalled_exactly(stories, stories_tokenizer):
   encoded = encoding.encode_facts(stories_tokenizer, TEMPLATE, facts, 128)
   prepared = mome_tuning.prepare(cfg, params, encoded, STORIES_SPEC, pad_id=0)
   hook = eval_lib.recall_callback(prepared.model, prepared.variables_of, stories_tokenizer, facts, TEMPLATE,
-                            every=5, stop_at_full=True)
+                                  every=5, stop_at_full=True)
   model, variables, result = mome_tuning.tune_mome(cfg, params, encoded, STORIES_SPEC, STORIES_SPEC.train,
-                                           pad_id=0, prepared=prepared, progress=False, on_epoch=hook)
+                                                   pad_id=0, prepared=prepared, progress=False, on_epoch=hook)
   assert result.history[-1].get("recall") == 1.0 and len(result.history) <= 20
   rec = eval_lib.recall(model, variables, stories_tokenizer, facts, TEMPLATE)
   assert rec.rate == 1.0, list(zip(rec.answers, [f.answer for f in facts]))
@@ -509,7 +510,6 @@ def test_random_facts_are_recalled_exactly(stories, stories_tokenizer):
 
 @pytest.mark.slow
 def test_randomization_experiment_both_methods(tmp_path):
-  from experiments import randomization
   overrides = [
       "data.n_train=4", "data.n_heldout=2", "train.epochs=2", "train.batch_size=4",
       "train.checkpoint_every=2", "eval.mmlu_questions=2", "eval.ppl_windows=2",
@@ -600,3 +600,24 @@ def test_pallas_kernels_in_the_training_path_match_the_reference(params, encoded
 
 def map_up(tables):
   return sparse_optim.map_layers(lambda t: t["up"], tables)
+
+
+@pytest.mark.slow
+def test_experiment_on_an_expert_mesh_matches_one_device(tmp_path):
+  # The main job with its tables split 8 ways over `expert` (the 8 simulated CPU devices of
+  # conftest) trains, recalls and evaluates as on one device.
+  overrides = ["method=mome", "answers=[random]", "data.n_train=8", "data.n_heldout=4",
+               "eval.mmlu_questions=4", "eval.ppl_windows=2", "eval.recall_every=1", "eval.table_rows=1",
+               "mome.layer.num_experts=4096", "mome.train.epochs=4", "mome.train.batch_size=4",
+               "mome.recall_every=1", "mome.anchor.windows=4", "mome.anchor.questions=4",
+               "mome.anchor.batch_size=2"]
+  summaries = {}
+  for expert in (1, 8):
+    cfg = runs.load_run_config(randomization.DEFAULT_CONFIG, overrides + [
+        f"mesh.expert={expert}", f"run_dir={tmp_path / str(expert)}"])
+    summaries[expert] = randomization.run(cfg, progress=False)["models"]["mome-random"]
+  one, eight = summaries[1], summaries[8]
+  assert one["epochs"] == eight["epochs"] and one["recall"] == eight["recall"]
+  for key in ("perplexity", "mc1", "mc2", "answer_loss", "mmlu_acc", "fact_loss"):
+    assert eight[key] == pytest.approx(one[key], rel=1e-3, abs=1e-6), key
+  assert one["recall"] > 0  # something was memorized, so the comparison says something

@@ -17,9 +17,12 @@ from lamini_jax import yaml_config
 
 pytestmark = pytest.mark.slow  # every case here needs a whole (tiny) run of the experiment
 
-TINY = ["data.n_train=8", "data.n_heldout=4", "train.epochs=4", "train.batch_size=4",
+# 8 facts, trained until every one is recalled exactly (measured on this CPU, 2026-12-02: real
+# answers at epoch 15, random ones at 30; the run stops there), checked every 5 epochs.
+TINY = ["data.n_train=8", "data.n_heldout=4", "train.epochs=40", "train.batch_size=4",
         "train.checkpoint_every=2", "eval.mmlu_questions=4", "eval.ppl_windows=2",
-        "eval.recall_every=2", "eval.table_rows=2", "train.length_bucket=null"]
+        "eval.recall_every=5", "eval.table_rows=2", "train.length_bucket=null"]
+RECALL_EVERY = 5
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +38,18 @@ def test_run_writes_every_artifact(tiny_run):
   for name, metrics in summary["models"].items():
     for key in ("mc1", "mc2", "answer_loss", "mmlu_acc", "perplexity"):
       assert isinstance(metrics[key], float), (name, key)
+  epochs = {}
   for name in ("lora-real", "lora-random"):
-    assert summary["models"][name]["epochs"] == 4 and 0 <= summary["models"][name]["recall"] <= 1
+    m = summary["models"][name]
+    # Memorized: every fact recalled exactly, the run stopped at the first full recall.
+    assert m["recall"] == 1.0 and m["epochs_to_full_recall"] == m["epochs"] < 40, (name, m)
+    assert m["fact_loss"] < 0.1, (name, m["fact_loss"])
+    epochs[name] = m["epochs"]
   records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   assert [(r["run"], r["epoch"]) for r in records] == [
-      (run, e) for run in ("lora-real", "lora-random") for e in range(4)]
-  assert all("recall" in r for r in records if r["epoch"] % 2 == 1)
+      (run, e) for run in ("lora-real", "lora-random") for e in range(epochs[run])]
+  assert all("recall" in r for r in records if (r["epoch"] + 1) % RECALL_EVERY == 0)
+  assert records[-1]["recall"] == 1.0 and records[-1]["stop"]
   assert json.loads((run_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
   table = (run_dir / "table1.md").read_text().splitlines()
   assert len(table) == 2 + 4 and table[-1].endswith("| yes |") and "no (held out)" in table[2]
@@ -86,7 +95,7 @@ def test_sigkill_then_resume_finishes_with_the_same_metrics(tiny_run, tmp_path):
     assert {k: v for k, v in resumed["models"][name].items() if k not in drop} == pytest.approx(
         {k: v for k, v in metrics.items() if k not in drop}, rel=1e-6), name
   lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-  assert len(lines) == 8
+  assert len(lines) == sum(m["epochs"] for name, m in reference["models"].items() if name != "base")
 
 
 def test_evaluate_cli_reloads_a_trained_adapter(tiny_run, tmp_path, capsys):

@@ -22,7 +22,7 @@ from lamini_jax import sharding
 # not GELU: tanh-GELU and its derivative are exactly 0 below about -6 in float32,
 # which would leave a selected expert with an exactly zero gradient.
 CFG = mome_config.MomeConfig(num_experts=264, embed_dim=13, expert_rank=3, num_heads=3, key_dim=10, top_k=5,
-                      activation="silu")
+                             activation="silu")
 TOKENS = 38  # even, for data = 2
 MESH_SHAPES = [(2, 4), (1, 8)]
 
@@ -121,7 +121,7 @@ def test_key_rows_of_a_sharded_table_stay_sharded_and_equal_unsharded(mesh):
   rng = np.random.default_rng(3)
   idx_PxK, x_PxD = rng.integers(0, CFG.num_experts, (9, 4)), rng.normal(size=(9, CFG.embed_dim))
   keyed = table_lib.key_rows(table_lib.init_table(jax.random.PRNGKey(1), keyed_cfg, mesh), idx_PxK, x_PxD,
-                        keyed_cfg, 0.8)
+                             keyed_cfg, 0.8)
   want = table_lib.key_rows(table_lib.init_table(jax.random.PRNGKey(1), keyed_cfg), idx_PxK, x_PxD, keyed_cfg, 0.8)
   for name, leaf in keyed.items():
     assert leaf.sharding.spec == P("expert", None, None), name

@@ -66,7 +66,7 @@ def trained(stories, stories_tokenizer, facts, encoded):
   cfg, params = stories
   before = jax.tree.map(np.array, params)
   model, variables, result = lora_tuning.tune_lora(cfg, params, encoded, LORA, FAST, pad_id=0, progress=False,
-                                          on_epoch=eval_lib.recall_callback(
+                                                   on_epoch=eval_lib.recall_callback(
                                               model_lib.Transformer(cfg, lora=LORA),
                                               lambda s: {"params": params, "lora": s.trainable},
                                               stories_tokenizer, facts, TEMPLATE, every=10,
@@ -85,8 +85,11 @@ def test_training_lowers_loss_and_recalls_every_random_fact(trained, facts, stor
 
 def test_frozen_backbone_is_bit_for_bit_unchanged(trained, stories):
   _, variables, _, before = trained
-  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, variables["params"]))
+  # The step takes the backbone as an argument it never donates: training neither deleted
+  # (donation would) nor copied its buffers, and they hold the values they had before.
   assert variables["params"] is stories[1]
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(variables["params"]))
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, variables["params"]))
 
 
 def test_merged_weights_give_the_adapted_logits(trained, stories):
@@ -105,12 +108,12 @@ def test_kill_and_resume_equals_uninterrupted(stories, encoded, tmp_path):
   tc = train_lib.TrainConfig(epochs=3, batch_size=4, seq_len=128, seed=1, checkpoint_every=2,
                              optimizer=FAST.optimizer)
   _, full_vars, full = lora_tuning.tune_lora(cfg, params, encoded, LORA, tc, pad_id=0, progress=False,
-                                    paths=runs.RunDir(tmp_path / "full").paths("lora"))
+                                             paths=runs.RunDir(tmp_path / "full").paths("lora"))
   # Stop after 3 steps (mid-epoch 1; the last checkpoint is at step 2), then resume.
   lora_tuning.tune_lora(cfg, params, encoded, LORA, tc, pad_id=0, progress=False, paths=runs.RunDir(tmp_path / "cut").paths("lora"),
-               stop_after_steps=3)
+                        stop_after_steps=3)
   _, vars_, resumed = lora_tuning.tune_lora(cfg, params, encoded, LORA, tc, pad_id=0, progress=False,
-                                   paths=runs.RunDir(tmp_path / "cut").paths("lora"), resume=True)
+                                            paths=runs.RunDir(tmp_path / "cut").paths("lora"), resume=True)
   jax.tree.map(np.testing.assert_array_equal, full_vars["lora"], vars_["lora"])
   strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h]
   assert strip(resumed.history) == strip(full.history) and len(full.history) == 3

@@ -9,7 +9,7 @@ from lamini_jax import yaml_config
 
 def test_default_config_loads_and_overrides_apply():
   cfg = runs.load_run_config(REPO / "configs" / "randomization_cpu.yaml",
-                           ["train.optimizer.learning_rate=1e-3", "lora.targets=[q, v]",
+                             ["train.optimizer.learning_rate=1e-3", "lora.targets=[q, v]",
                             "data.n_train=17", "train.stop_loss=null"])
   assert cfg.train.optimizer.learning_rate == 1e-3
   assert cfg.lora.targets == ("q", "v") and cfg.data.n_train == 17 and cfg.train.stop_loss is None

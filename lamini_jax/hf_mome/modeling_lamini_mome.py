@@ -2,7 +2,7 @@
 
 Shipped inside lamini-jax MoME exports and loaded by
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`; needs only
-torch and transformers. The numerics mirror `lamini_jax.mome.route` and
+torch and transformers. The numerics mirror `lamini_jax.mome.router.route` and
 `lamini_jax_kernels.gather_apply.gather_apply_reference`.
 
 A MoME layer is a residual branch beside the MLP of the configured decoder

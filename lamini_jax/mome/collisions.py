@@ -141,21 +141,25 @@ def fact_collisions(model: Transformer, variables: Any, encoded: Sequence[encodi
   for path in layer_paths(model):
     name = layer_key(path)
     idx, _ = route_jit(tree_get(variables[ROUTER], path), jnp.asarray(x[name]), model.mome,
-                    tree_get(variables[BALANCE], path))
+                       tree_get(variables[BALANCE], path))
     out[name] = collision_summary(collision_report(
         fact_experts(np.asarray(idx), fact_P, len(encoded))))
   return out
 
 
 def adds_zero(tables: Any) -> bool:
-  """Whether every MoME layer outputs exactly 0 (all `up` rows zero, as initialized)."""
-  return all(not np.any(np.asarray(t["up"])) for t in jax.tree.leaves(
+  """Whether every MoME layer outputs exactly 0 (all `up` rows zero, as initialized).
+
+  A reduction where the table lives (sharded over `expert` on a mesh): only one bool per
+  layer reaches the host, never the table.
+  """
+  return all(not bool(jnp.any(t["up"])) for t in jax.tree.leaves(
       tables, is_leaf=lambda n: isinstance(n, dict) and "up" in n))
 
 
 def balance_facts(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
-            rounds: int, rate: float,
-            inputs: tuple[dict[str, np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
+                  rounds: int, rate: float,
+                  inputs: tuple[dict[str, np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
   """The "mome_balance" collection: `balance_router` on the facts' answer tokens.
 
   Layer by layer in order, each on its inputs given the balance of the earlier
@@ -167,7 +171,7 @@ def balance_facts(model: Transformer, variables: Any, encoded: Sequence[encoding
     if inputs is None or not fixed:
       inputs = fact_inputs(model, {**variables, BALANCE: bias}, encoded)
     layer_bias = balance_router(tree_get(variables[ROUTER], path),
-                                     jnp.asarray(inputs[0][layer_key(path)]), model.mome,
-                                     rounds=rounds, rate=rate)
+                                jnp.asarray(inputs[0][layer_key(path)]), model.mome,
+                                rounds=rounds, rate=rate)
     bias = tree_set(bias, path, layer_bias)
   return bias

@@ -1,4 +1,4 @@
-"""What each MoME layer sees: layer paths in the collections, and the layer inputs at the facts' answer positions.
+"""What each MoME layer sees: its path in the collections, its input at the facts' answer positions.
 
 The answer positions of a fact are those that predict a trained token (the last
 prompt token through the last answer token); `fact_inputs` collects every MoME

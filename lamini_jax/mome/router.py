@@ -197,7 +197,7 @@ def route(
   keys1_AxIxC, keys2_AxJxC = router["keys1"], router["keys2"]
   sg = jax.lax.stop_gradient
   e_AxTxM = select_experts(sg(q_AxTxQ), sg(keys1_AxIxC), sg(keys2_AxJxC), cfg.top_k,
-                    None if balance is None else sg(balance))
+                           None if balance is None else sg(balance))
   n2 = keys2_AxJxC.shape[1]
   # The selected sub-keys, [H, T, S, C]: one gather per head.
   pick = jax.vmap(lambda keys_IxC, sub_TxM: keys_IxC[sub_TxM])

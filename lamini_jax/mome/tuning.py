@@ -192,9 +192,9 @@ def key_experts(model: Transformer, variables: Any, encoded: Sequence[encoding.E
       x, _ = fact_inputs(model, {**variables, TABLE: tables}, encoded)
     name = layer_key(path)
     idx, _ = route_jit(tree_get(variables[ROUTER], path), jnp.asarray(x[name]), model.mome,
-                    tree_get(variables[BALANCE], path))
+                       tree_get(variables[BALANCE], path))
     tables = tree_set(tables, path, key_rows(tree_get(tables, path), np.asarray(idx), x[name],
-                                              model.mome, match))
+                                             model.mome, match))
   return tables
 
 
@@ -218,7 +218,7 @@ class Prepared:
     return {**self.frozen, TABLE: table}
 
   def variables_of(self, state: train_lib.TrainState) -> dict[str, Any]:
-    """Model variables for a phase-2 train state (for `memory_tuning.recall_callback`)."""
+    """Model variables for a phase-2 train state (for `evaluate.recall_callback`)."""
     return self.variables(state.trainable)
 
 
@@ -258,7 +258,7 @@ def prepare(cfg: ModelConfig, params: Any, encoded: Sequence[encoding.EncodedFac
     collisions = {"unbalanced": fact_collisions(plain, variables, encoded, inputs)}
     if spec.balance:
       variables[BALANCE] = balance_facts(plain, variables, encoded, spec.balance_rounds,
-                                        spec.balance_rate, inputs)
+                                         spec.balance_rate, inputs)
       if not adds_zero(variables[TABLE]):
         inputs = None
       collisions["balanced"] = fact_collisions(plain, variables, encoded, inputs)
@@ -270,7 +270,7 @@ def prepare(cfg: ModelConfig, params: Any, encoded: Sequence[encoding.EncodedFac
       (store / COLLISIONS_FILE).write_text(json.dumps(collisions, indent=2) + "\n")
   if spec.key_match:
     variables[TABLE] = key_experts(model.clone(mome_mesh=None), variables, encoded,
-                                        spec.key_match, inputs)
+                                   spec.key_match, inputs)
   frozen = _replicate({k: variables[k] for k in ("params", ROUTER, BALANCE)}, mesh)
   return Prepared(model, frozen, variables[TABLE], collisions, general_seconds,
                   time.perf_counter() - t0)
