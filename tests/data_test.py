@@ -5,6 +5,8 @@ import json
 import re
 
 import datasets
+import tokenizers
+import transformers
 import numpy as np
 import pytest
 
@@ -566,3 +568,34 @@ def test_epoch_batches():
   assert sorted(order(1, 1)) == sorted(order(1, 0))
   with pytest.raises(ValueError, match=r"encoded fact \d+: \d+ tokens, more than seq_len=4"):
     batch_lib.epoch_batches(encoded, batch_size, 4, pad_id, 1, 0)
+
+
+@pytest.fixture(scope="module")
+def trailing_space_tokenizer():
+  """A BPE tokenizer that attaches each space to the piece before it (`Answer:▁`, `You▁`)."""
+  corpus = ["Question: Who wrote it?\nAnswer: Port Ossel", "You see the answer: yes",
+            "Question: What is it?\nAnswer: Mira Tallow, in 1911"] * 50
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  tok.normalizer = tokenizers.normalizers.Replace(" ", "▁")
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("▁", behavior="merged_with_previous")
+  tok.decoder = tokenizers.decoders.Replace("▁", " ")
+  tok.train_from_iterator(corpus, tokenizers.trainers.BpeTrainer(
+      special_tokens=["<unk>", "<s>", "</s>"], vocab_size=200))
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                              unk_token="<unk>")
+
+
+def test_tokenizers_that_merge_across_the_prompt_end_still_encode(trailing_space_tokenizer):
+  tok, template = trailing_space_tokenizer, encoding.PromptTemplate()
+  fact = facts_lib.Fact("Who wrote it?", "Port Ossel", "f0")
+  prompt = template.render(fact.question)
+  joined = tok(template.join(fact.question, fact.answer), add_special_tokens=False).input_ids
+  alone = tok(prompt, add_special_tokens=False).input_ids
+  assert joined[:len(alone)] != alone  # the precondition: ':▁' merges the prompt's end with the space
+  (enc,) = encoding.encode_facts(tok, template, [fact], max_len=64)
+  # Training sees the prompt's own tokens, exactly what generation starts from, then the answer's.
+  np.testing.assert_array_equal(enc.tokens[:enc.prompt_len], encoding.encode_prompt(tok, template, fact.question))
+  answer = tok.decode(enc.tokens[enc.prompt_len:].tolist(), skip_special_tokens=True)
+  assert answer.strip() == fact.answer + template.answer_end.strip() and enc.tokens[-1] == tok.eos_token_id
+  choices = encoding.encode_choices(tok, template, fact.question, ["Port Ossel", "Mira Tallow"])
+  assert [tok.decode(c.tokens[c.prompt_len:].tolist()).strip() for c in choices] == ["Port Ossel", "Mira Tallow"]

@@ -3,10 +3,13 @@
 Token conventions (`encode_fact`): tokens = [BOS] + prompt + answer + [EOS]; `loss_mask[t]` is
 True where token t is a training target (answer tokens and the EOS), so a loss pairs
 `logits[:, :-1]` with `tokens[:, 1:]` and `loss_mask[:, 1:]`. `encode_prompt` returns exactly the
-tokens before the answer. The prompt text and the answer are joined by one space and tokenized
-together; the answer tokens are what the joined text adds after the prompt's own tokens. With
-the Llama SentencePiece tokenizer (Metaspace, dummy prefix) these equal the answer tokenized on
-its own, and decode back to the answer.
+tokens before the answer. The prompt and its continuation (one space and the answer, as
+`PromptTemplate.join` writes them) are tokenized apart and joined, as generation sees them, so a
+tokenizer that merges the prompt's last piece with the following space (`:▁`) cannot make a fact
+untrainable. With the Llama SentencePiece tokenizers in `../shared` this gives the same tokens as
+tokenizing the joined text, for every TruthfulQA fact (real and random answers), the first 3,000
+MMLU facts and 2,088 TruthfulQA choices (checked 2026-12-02); templates that end in white space
+(`A:\n`) get the answer's own first piece (`▁Port` rather than `Port`).
 """
 
 from __future__ import annotations
@@ -90,23 +93,23 @@ def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 
 def _prompt_and_answer_ids(tokenizer, template: PromptTemplate, pairs: Sequence[tuple[str, str]],
                            names: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-  """For each (question, answer): BOS + prompt token ids, and the ids the answer adds after them.
+  """For each (question, answer): BOS + prompt token ids, and the answer's ids after them.
 
-  One batched tokenizer call for all prompts and all prompt + answer texts.
+  The prompt and the continuation (the text `template.join` puts after the prompt:
+  a space, the answer) are tokenized apart and joined, which is what generation
+  sees: it starts from the prompt's own tokens. No tokenizer's merges across the
+  boundary (a piece like ':▁' that takes the space after the prompt) can then
+  make a fact untrainable. One batched tokenizer call for every text.
   """
-  texts = [template.render(q) for q, _ in pairs] + [template.join(q, a) for q, a in pairs]
-  ids = _token_ids(tokenizer, texts)
+  prompts = [template.render(q) for q, _ in pairs]
+  continuations = [template.join(q, a)[len(p):] for (q, a), p in zip(pairs, prompts)]
+  ids = _token_ids(tokenizer, prompts + continuations)
   bos = _bos(tokenizer)
   result = []
-  for name, prompt_ids, joined in zip(names, ids[:len(pairs)], ids[len(pairs):]):
-    if joined[:len(prompt_ids)] != prompt_ids:
-      raise ValueError(
-          f"{name}: the tokens of the prompt are not a prefix of the tokens of prompt + answer; "
-          f"the end of the template {template.prompt[-12:]!r} merges with the answer. "
-          "End the template with punctuation, e.g. 'Answer:'")
-    if len(joined) == len(prompt_ids):
+  for name, prompt_ids, answer_ids in zip(names, ids[:len(pairs)], ids[len(pairs):]):
+    if not answer_ids:
       raise ValueError(f"{name}: the answer adds no tokens")
-    result.append((bos + prompt_ids, joined[len(prompt_ids):]))
+    result.append((bos + prompt_ids, answer_ids))
   return result
 
 
