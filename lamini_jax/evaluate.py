@@ -301,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if (args.model is None) == (args.run is None):
     parser.error("give exactly one of --model (a base model) and --run (a trained model of a run)")
+  if args.adapter is not None and args.run is None:
+    parser.error("--adapter picks a trained model of --run; give --run RUN_DIR")
   try:
     if args.run is not None:
       trained = runs.load_trained(args.run, args.adapter)

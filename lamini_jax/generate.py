@@ -165,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="parameter and matmul dtype (accumulation is always float32)")
   args = parser.parse_args(argv)
+  if args.label is not None and args.run is None:
+    parser.error("--label picks a trained model of --run; give --run RUN_DIR")
   try:
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     if args.batch_file is not None:
