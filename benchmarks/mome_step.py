@@ -30,12 +30,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lamini_jax.data import batches as batch_lib
 from lamini_jax.data import encoding
 from lamini_jax.mome import anchors as anchors_lib
 from lamini_jax.mome import config as mome_config
+from lamini_jax.mome import inputs as inputs_lib
 from lamini_jax.mome import layer as layer_lib
 from lamini_jax.mome import router as router_lib
 from lamini_jax.mome import sparse_optim
@@ -230,16 +232,20 @@ class _FullRunner:
     if dense:  # dense [N, ...] gradient of the whole table, the optimizer on every row of both leaves
       self.state = mome_tuning.tuning_state(init[layer_lib.TABLE], tx, 0)
       self.step = steps_lib.make_dense_tuning_step(model, tx, spec.margin)
-    else:  # exactly the step `tune_mome` runs for this config
+    else:  # exactly the step `tune_mome` runs for this config, the first layer's routes cached
+      routes_of = lambda tokens: jnp.asarray(inputs_lib.token_routes(
+          model, {**self.frozen, layer_lib.TABLE: init[layer_lib.TABLE]}, np.asarray(tokens)))
       anchor = spec.anchor if spec.anchor.weight > 0 else None
       if anchor is not None:
-        self.frozen[anchors_lib.ANCHOR] = jax.tree.map(jnp.asarray, data.anchors)
+        self.frozen[anchors_lib.ANCHOR] = {**jax.tree.map(jnp.asarray, data.anchors),
+                                           "experts": routes_of(data.anchors["tokens"])}
+      experts = (routes_of(data.tokens_BxT),)
       leaves = sparse_optim.trained_leaves(not keyed)
       self.state = mome_tuning.tuning_state(init[layer_lib.TABLE], tx, 0, None, leaves)
       rows = steps_lib.focus_rows(data.encoded, spec.train.batch_size, spec)
       self.step = steps_lib.make_tuning_step(model, tx, None, spec.margin, spec.train_positions, rows,
                                              anchor, train_down=not keyed)
-    self.batch = (data.tokens_BxT, data.mask_BxT)
+    self.batch = (data.tokens_BxT, data.mask_BxT) + (() if dense else experts)
     self.times = []
 
   def __call__(self, timed: bool) -> None:
@@ -281,7 +287,8 @@ def format_full_table(bench: BenchConfig, config_name: str, data: _RunData, resu
       f" {jax.devices()[0].platform} x{jax.device_count()}",
       f"median of {bench.reps} sparse steps (sizes interleaved) / {bench.dense_reps} dense steps,"
       f" after {bench.warmup} warm-up; times in ms",
-      "  step  = the config's phase-2 step (mome.steps.make_tuning_step), as tune_mome runs it",
+      "  step  = the config's phase-2 step (mome.steps.make_tuning_step), as tune_mome runs it"
+      " (the first MoME layer's routes cached: inputs.token_routes)",
       "  dense = the same model, token loss and hinge (no anchors, every position), dense [N,...] table"
       " gradient, the optimizer on all N rows of both leaves",
       f"{'N':>9} {'step':>8} {'x first':>8} {'dense':>9} {'dense/step':>11}",

@@ -4,6 +4,12 @@ One directory per run; each saved step holds the state pytree (`StandardSave`) a
 small JSON record of where the data loop was (`JsonSave`). Saves are atomic (Orbax
 writes to a temporary directory and renames it), so a run killed at any moment
 resumes from its last complete checkpoint.
+
+Multi-process runs (`jax.distributed.initialize`, one process per host) save and
+restore the same way: every process calls `save`/`restore` with its part of the
+global arrays, each writes and reads only the shards it holds, and a state saved
+on one mesh restores onto another (8 devices' table onto 4) through the
+shardings of `like_state`.
 """
 
 from __future__ import annotations
@@ -13,7 +19,27 @@ import pathlib
 from typing import Any
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 import orbax.checkpoint as ocp
+
+
+def restore_target(like_state: Any) -> Any:
+  """ShapeDtypeStructs to restore into: each leaf's shape, dtype and sharding.
+
+  An uncommitted leaf (one jax moves to wherever it is used, such as a fresh
+  `TrainState`'s step and RNG) restores replicated on the mesh of the tree's
+  mesh-sharded leaves, not pinned to one device: a restored state then feeds a
+  step jitted on that mesh, as the state it replaces did.
+  """
+  mesh = next((leaf.sharding.mesh for leaf in jax.tree.leaves(like_state)
+               if isinstance(getattr(leaf, "sharding", None), NamedSharding)), None)
+
+  def one(leaf):
+    if mesh is not None and not getattr(leaf, "committed", True):
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, P()))
+    return ocp.utils.to_shape_dtype_struct(leaf)
+
+  return jax.tree.map(one, like_state)
 
 
 class Checkpointer:
@@ -47,7 +73,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+    abstract = restore_target(like_state)
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()))
     return out.state, dict(out.position)
@@ -62,7 +88,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       return None
-    local = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # one this process holds
     abstract = {"trainable": jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None) or local),
         like_trainable)}

@@ -16,18 +16,20 @@ import json
 import math
 import pathlib
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lamini_jax.data import batches as batch_lib
+from lamini_jax.data import corpus as corpus_lib
 from lamini_jax.data import encoding
 from lamini_jax.data import facts as facts_lib
 from lamini_jax.data import sources
 from lamini_jax import generate as gen
 from lamini_jax import hf
+from lamini_jax.recall import Recall, recall, recall_callback  # recall's home; kept importable here
 from lamini_jax.model import Transformer
 from lamini_jax import runs
 from lamini_jax import train as train_lib
@@ -82,44 +84,6 @@ def fact_losses(model, variables, encoded, batch_size=32, pad_id=0) -> np.ndarra
   """Mean next-token NLL of each fact's answer and EOS (the training loss per fact)."""
   ll, count = score(model, variables, encoded, batch_size, pad_id)
   return -ll / np.maximum(count, 1)
-
-
-@dataclasses.dataclass
-class Recall:
-  exact: np.ndarray  # bool per fact: greedy decoding reproduces the answer and stops
-  answers: list[str]  # what the model generated for each question
-
-  @property
-  def rate(self) -> float:
-    return float(np.mean(self.exact)) if len(self.exact) else float("nan")
-
-
-def recall(model: Transformer, variables: Any, tokenizer, facts: Sequence[facts_lib.Fact],
-           template: encoding.PromptTemplate, batch_size: int = 64) -> Recall:
-  """Exact-match recall by greedy decoding (the hallucination rate is 1 - recall).
-
-  A fact counts as recalled when the generated text up to the first stop (the
-  end-of-sequence token, or the template's `answer_end`) equals the trained answer
-  character for character, leading white space aside: the model must produce the
-  answer and then stop. Without any stop the answer is not counted.
-  """
-  prompts = [encoding.encode_prompt(tokenizer, template, f.question).tolist() for f in facts]
-  answer_lens = [len(tokenizer(f.answer, add_special_tokens=False).input_ids) for f in facts]
-  sampling = gen.SamplingConfig(max_new_tokens=max(answer_lens) + 3)
-  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  eos = tokenizer.eos_token_id
-  answers: list[str] = []
-  stopped: list[bool] = []
-  for start in range(0, len(prompts), batch_size):
-    for new in gen.generate(model, variables, prompts[start:start + batch_size], sampling, pad):
-      text = tokenizer.decode(new, skip_special_tokens=True)
-      ended = len(new) < sampling.max_new_tokens or (eos is not None and eos in new)
-      if template.answer_end and template.answer_end in text:
-        text, ended = text.split(template.answer_end, 1)[0], True
-      answers.append(text.strip())
-      stopped.append(ended)
-  exact = np.array([s and a == f.answer.strip() for a, s, f in zip(answers, stopped, facts)], bool)
-  return Recall(exact, answers)
 
 
 def generate_answers(model, variables, tokenizer, questions: Sequence[str],
@@ -214,70 +178,91 @@ def perplexity(model, variables, windows_WxT: np.ndarray, batch_size: int = 16) 
 
 @dataclasses.dataclass(frozen=True)
 class HeldOut:
-  """The held-out material every model of a run is evaluated on."""
+  """The held-out material of one split (dev or test) that every model of a run is evaluated on."""
 
+  split: str
   truthfulqa: tuple[sources.TruthfulQAItem, ...]
-  mmlu_dev: tuple[sources.MMLUItem, ...]
+  mmlu_shots: tuple[sources.MMLUItem, ...]  # MMLU's own dev rows: the k-shot examples
   mmlu: tuple[sources.MMLUItem, ...]
   mmlu_k: int
-  ppl_windows: np.ndarray
+  ppl_windows: dict[str, np.ndarray]  # metric name (perplexity, perplexity_ood) -> [W, T + 1]
   template: encoding.PromptTemplate
+  locality_texts: tuple[str, ...] = ()  # unrelated prompts of `locality`: sentence starts
+  sources: dict[str, str] = dataclasses.field(default_factory=dict)  # figure -> its data, in words
 
 
 def heldout_metrics(model, variables, tokenizer, heldout: HeldOut) -> dict[str, float]:
+  """TruthfulQA MC1/MC2 and answer losses, MMLU accuracy and each perplexity of the split."""
   out: dict[str, float] = {}
   if heldout.truthfulqa:
     out.update(truthfulqa_mc(model, variables, tokenizer, heldout.truthfulqa, heldout.template))
   if heldout.mmlu:
-    out.update(mmlu_accuracy(model, variables, tokenizer, heldout.mmlu_dev, heldout.mmlu, heldout.mmlu_k))
-  if len(heldout.ppl_windows):
-    out["perplexity"] = perplexity(model, variables, heldout.ppl_windows)
+    out.update(mmlu_accuracy(model, variables, tokenizer, heldout.mmlu_shots, heldout.mmlu,
+                             heldout.mmlu_k))
+  for name, windows_WxT in heldout.ppl_windows.items():
+    out[name] = perplexity(model, variables, windows_WxT)
   return out
 
 
-def load_heldout(tokenizer, data_dir, truthfulqa_items: Sequence[sources.TruthfulQAItem],
-                 mmlu_questions: int, mmlu_k: int, ppl_windows: int, ppl_seq_len: int,
-                 template: encoding.PromptTemplate, seed: int,
-                 corpus: str = "corpus/wikitext-2-test.txt",
+def _ppl_corpora(spec: runs.EvalSpec) -> dict[str, tuple[str, str, str]]:
+  """metric name -> (corpus, articles, config field) of a split's perplexity text."""
+  if spec.split == "dev":
+    return {"perplexity": (spec.dev_corpus, spec.dev_articles, "eval.dev_corpus")}
+  out = {"perplexity": (spec.corpus, "all", "eval.corpus")}
+  if spec.ood_corpus:
+    out["perplexity_ood"] = (spec.ood_corpus, "all", "eval.ood_corpus")
+  return out
+
+
+def load_heldout(tokenizer, spec: runs.EvalSpec, data_dir,
+                 truthfulqa_items: Sequence[sources.TruthfulQAItem],
+                 template: encoding.PromptTemplate, seed: int = 0,
                  exclude_mmlu: Sequence[sources.MMLUItem] = ()) -> HeldOut:
-  """Held-out TruthfulQA items (given), a seeded MMLU sample and corpus windows.
+  """The material of `spec.split`: TruthfulQA items (given: `runs.facts_and_heldout`), a
+  sample of the split's MMLU subjects drawn by `seed`, perplexity windows and sentence starts.
 
-  `exclude_mmlu` (e.g. MMLU questions that were trained as facts) never enter the sample.
+  dev: MMLU `sources.MMLU_DEV_SUBJECTS`, perplexity on the `eval.dev_articles` of
+  `eval.dev_corpus`. test: the other MMLU subjects, perplexity on `eval.corpus` and (as
+  `perplexity_ood`) `eval.ood_corpus`. The locality prompts are sentence starts of the
+  split's `perplexity` text. `exclude_mmlu` (e.g. MMLU questions trained as facts) never
+  enter the sample.
   """
-  dev, sample = (), ()
-  if mmlu_questions:
-    dev = tuple(sources.load_mmlu(data_dir, split="dev"))
+  if spec.split not in runs.SPLITS:
+    raise ValueError(f"eval.split must be dev or test, got {spec.split!r}")
+  dev = spec.split == "dev"
+  about = {"truthfulqa": f"{len(truthfulqa_items)} held-out TruthfulQA questions of the {spec.split}"
+                         " split"}
+  shots, sample = (), ()
+  if spec.mmlu_questions:
+    subjects = sources.MMLU_DEV_SUBJECTS if dev else sources.MMLU_TEST_SUBJECTS
+    shots = tuple(sources.load_mmlu(data_dir, split="dev", subjects=subjects))
     excluded = set(exclude_mmlu)
-    test = [item for item in sources.load_mmlu(data_dir, split="test") if item not in excluded]
-    pick = np.random.default_rng([4, seed]).choice(len(test), size=min(mmlu_questions, len(test)),
+    pool = [item for item in sources.load_mmlu(data_dir, split="test", subjects=subjects)
+            if item not in excluded]
+    pick = np.random.default_rng([4, seed]).choice(len(pool), size=min(spec.mmlu_questions, len(pool)),
                                                    replace=False)
-    sample = tuple(test[i] for i in sorted(pick))
-  windows = np.zeros((0, ppl_seq_len + 1), np.int32)
-  if ppl_windows:
-    root = sources.resolve_data_dir(data_dir)
-    path = pathlib.Path(corpus) if pathlib.Path(corpus).is_absolute() or root is None else root / corpus
-    if not path.is_file():
-      raise FileNotFoundError(f"perplexity corpus {path} not found (set eval.corpus to a text file)")
-    windows = encoding.corpus_windows(tokenizer, path, ppl_seq_len, ppl_windows)
-  return HeldOut(tuple(truthfulqa_items), dev, sample, mmlu_k, windows, template)
-
-
-def recall_callback(model: Transformer, variables_of: Callable[[train_lib.TrainState], dict[str, Any]],
-                    tokenizer, facts: Sequence[facts_lib.Fact], template: encoding.PromptTemplate,
-                    every: int, stop_at_full: bool) -> Callable:
-  """A `train.fit` `on_epoch` hook: exact-match recall every `every` epochs; stops at 100%.
-
-  `variables_of(state)` gives the model's variables for a train state.
-  """
-
-  def on_epoch(epoch: int, state: train_lib.TrainState, fact_loss: np.ndarray) -> dict[str, Any]:
-    del fact_loss
-    if every <= 0 or (epoch + 1) % every:
-      return {}
-    rate = recall(model, variables_of(state), tokenizer, facts, template).rate
-    return {"recall": rate, "stop": bool(stop_at_full and rate == 1.0)}
-
-  return on_epoch
+    sample = tuple(pool[i] for i in sorted(pick))
+    about["mmlu"] = (f"{len(sample)} MMLU questions drawn ({spec.mmlu_k}-shot) from the "
+                     f"{len(subjects)} {spec.split} subjects; mmlu_scored: those that fit the context")
+  windows, texts = {}, ()
+  for name, (relative, articles, field) in _ppl_corpora(spec).items():
+    locality_texts = name == "perplexity" and spec.locality_prompts
+    if not (spec.ppl_windows or locality_texts):
+      continue
+    path = runs.data_file(data_dir, relative, field)
+    text_name = relative + ("" if articles == "all" else f" ({articles} articles)")
+    if spec.ppl_windows:
+      with corpus_lib.corpus_file(path, articles) as part:
+        windows[name] = encoding.corpus_windows(tokenizer, part, spec.ppl_seq_len, spec.ppl_windows)
+      about[name] = f"{len(windows[name])} windows of {spec.ppl_seq_len} tokens of {text_name}"
+    if locality_texts:
+      texts = tuple(corpus_lib.sentence_starts(corpus_lib.read_corpus(path, articles),
+                                               spec.locality_prompts))
+      about["locality"] = (f"greedy {spec.locality_tokens} tokens against the base model's, on the "
+                           f"{len(truthfulqa_items)} held-out questions and {len(texts)} sentence "
+                           f"starts of {text_name}")
+  return HeldOut(spec.split, tuple(truthfulqa_items), shots, sample, spec.mmlu_k, windows, template,
+                 texts, about)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -288,12 +273,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--adapter", help="which trained model of --run to load (its label, e.g. lora-real,"
                       " mome-random; optional when the run holds one)")
   parser.add_argument("--facts", type=pathlib.Path, help="JSONL/CSV of question/answer facts: loss and recall")
-  parser.add_argument("--truthfulqa", type=int, default=0, help="held-out TruthfulQA questions (MC1/MC2)")
-  parser.add_argument("--mmlu", type=int, default=0, help="MMLU test questions (seeded sample)")
+  parser.add_argument("--truthfulqa", type=int, default=0,
+                      help="held-out TruthfulQA questions of the split (MC1/MC2)")
+  parser.add_argument("--mmlu", type=int, default=0,
+                      help="MMLU questions of the split's subjects (seeded sample)")
   parser.add_argument("--mmlu-k", type=int, default=0)
   parser.add_argument("--ppl-windows", type=int, default=0)
   parser.add_argument("--ppl-seq-len", type=int, default=128)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--split", choices=runs.SPLITS, default="dev",
+                      help="which held-out questions, MMLU subjects and perplexity text (runs.EvalSpec)")
+  parser.add_argument("--seed", type=int, default=0, help="draws the held-out questions (a run's "
+                      "data.heldout_seed) and the MMLU sample")
   parser.add_argument("--data-dir")
   parser.add_argument("--template", default=encoding.PromptTemplate().prompt,
                       help="prompt template (ignored with --run, which has its own)")
@@ -313,12 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
       tokenizer = hf.load_tokenizer(model_dir)
       model, variables = Transformer(cfg), {"params": params}
       template = encoding.PromptTemplate(args.template.replace("\\n", "\n"))
-    tqa: Sequence[sources.TruthfulQAItem] = ()
-    if args.truthfulqa:
-      _, tqa = facts_lib.split_items(sources.load_truthfulqa(args.data_dir), 0, args.truthfulqa,
-                                     args.seed)
-    heldout = load_heldout(tokenizer, args.data_dir, tqa, args.mmlu, args.mmlu_k, args.ppl_windows,
-                           args.ppl_seq_len, template, args.seed)
+    tqa = facts_lib.split_questions(sources.load_truthfulqa(args.data_dir), args.truthfulqa, 0, 0,
+                                    heldout_seed=args.seed).heldout(args.split)
+    spec = runs.EvalSpec(split=args.split, mmlu_questions=args.mmlu, mmlu_k=args.mmlu_k,
+                         ppl_windows=args.ppl_windows, ppl_seq_len=args.ppl_seq_len, locality_prompts=0)
+    heldout = load_heldout(tokenizer, spec, args.data_dir, tqa, template, args.seed)
     metrics = heldout_metrics(model, variables, tokenizer, heldout)
     if args.facts is not None:
       facts = facts_lib.load_facts_file(args.facts)

@@ -25,6 +25,7 @@ import numpy as np
 
 from lamini_jax.checkpoint import Checkpointer
 from lamini_jax.config import ModelConfig
+from lamini_jax.data import corpus as corpus_lib
 from lamini_jax.data import encoding
 from lamini_jax.data import facts as facts_lib
 from lamini_jax.data import sources
@@ -62,14 +63,18 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-  """Which facts to memorize and which questions to hold out."""
+  """Which facts to memorize and which TruthfulQA questions to hold out: `n_heldout` for each of
+  dev and test, drawn by `heldout_seed` alone (`facts.split_questions`), so that no seed's dev
+  question is another seed's test question. `seed` draws the trained questions (and the
+  anchors') from the rest, and the random answers."""
 
   dataset: str = "truthfulqa"  # truthfulqa | mmlu | facts (the user's `facts_file`)
   facts_file: str | None = None
   data_dir: str | None = None
   n_train: int = 256
-  n_heldout: int = 100
+  n_heldout: int = 100  # per split: dev and test each
   seed: int = 0
+  heldout_seed: int = 0
   template: str = encoding.PromptTemplate().prompt
   answer_end: str = encoding.PromptTemplate().answer_end
   train_eos: bool = True
@@ -83,21 +88,52 @@ class DataSpec:
     if self.n_train <= 0 or self.n_heldout < 0:
       raise ValueError(f"data.n_train must be > 0 and data.n_heldout >= 0, got "
                        f"{self.n_train} and {self.n_heldout}")
+    if self.seed < 0 or self.heldout_seed < 0:
+      raise ValueError(f"data.seed and data.heldout_seed must be >= 0, got {self.seed} and "
+                       f"{self.heldout_seed}")
+
+
+SPLITS = ("dev", "test")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
-  """Held-out evaluation, and how often to check exact-match recall while training."""
+  """Held-out evaluation on one split, and how often to check exact-match recall while training.
 
+  `split: dev` for every choice of settings, `test` only for final tables; each has its own
+  questions, MMLU subjects, perplexity text and locality prompts (`evaluate.load_heldout`).
+  Training (anchors, phase 1) may read only the articles of `dev_corpus` that dev does not
+  (`training_corpus`).
+  """
+
+  split: str = "dev"
   mmlu_questions: int = 200
   mmlu_k: int = 0
   ppl_windows: int = 32
   ppl_seq_len: int = 128
-  corpus: str = "corpus/wikitext-2-test.txt"
+  dev_corpus: str = "corpus/wikitext-2-valid.txt"
+  dev_articles: str = "odd"  # odd | even | all
+  corpus: str = "corpus/wikitext-2-test.txt"  # the test split's
+  ood_corpus: str = "corpus/tinyshakespeare.txt"  # the test split's out-of-domain text; "" = none
+  locality_tokens: int = 32  # greedy tokens compared with the base model's
+  locality_prompts: int = 100  # sentence starts of the split's text; 0 = none
   table_rows: int = 6
   answer_tokens: int = 48
   recall_every: int = 5  # epochs; 0 = only at the end
   stop_at_full_recall: bool = True
+
+  def __post_init__(self):
+    if self.split not in SPLITS:
+      raise ValueError(f"eval.split must be dev or test, got {self.split!r}")
+    if self.dev_articles not in corpus_lib.ARTICLES:
+      raise ValueError(f"eval.dev_articles must be one of {corpus_lib.ARTICLES}, got "
+                       f"{self.dev_articles!r}")
+    for name in ("mmlu_questions", "mmlu_k", "ppl_windows", "locality_prompts"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
+    for name in ("ppl_seq_len", "locality_tokens"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,43 +338,39 @@ def load_trained(run_dir, label: str | None = None, backbone: Backbone | None = 
 # The data of a run: facts, held-out questions, phase-1 windows, the anchor pool.
 
 
-def facts_and_heldout(spec: DataSpec, answers: str):
-  """(trained facts, held-out TruthfulQA items, trained MMLU items) for one answer mode."""
+def question_split(spec: DataSpec, n_spare: int | None = 0) -> facts_lib.QuestionSplit:
+  """The run's TruthfulQA questions: dev, test, trained (dataset truthfulqa) and `n_spare` spare."""
+  items = sources.load_truthfulqa(spec.data_dir)
+  n_train = spec.n_train if spec.dataset == "truthfulqa" else 0
+  if 2 * spec.n_heldout + n_train > len(items):
+    raise ValueError(f"data.n_heldout={spec.n_heldout} (each of dev and test) and data.n_train="
+                     f"{n_train} need {2 * spec.n_heldout + n_train} TruthfulQA questions; there are "
+                     f"{len(items)}")
+  return facts_lib.split_questions(items, spec.n_heldout, n_train, spec.seed, spec.heldout_seed,
+                                   n_spare)
+
+
+def facts_and_heldout(spec: DataSpec, answers: str, split: str = "dev"):
+  """(trained facts, held-out TruthfulQA items of `split`, trained MMLU items) for one answer mode."""
+  questions = question_split(spec)
+  held = questions.heldout(split)
   if spec.dataset == "facts":
-    facts = facts_lib.load_facts_file(spec.facts_file)[:spec.n_train]
-    tqa = sources.load_truthfulqa(spec.data_dir)
-    _, held = facts_lib.split_items(tqa, 0, spec.n_heldout, spec.seed)
-    return facts, held, []
+    return facts_lib.load_facts_file(spec.facts_file)[:spec.n_train], held, []
   if spec.dataset == "truthfulqa":
-    items = sources.load_truthfulqa(spec.data_dir)
-    train_items, held = facts_lib.split_items(items, spec.n_train, spec.n_heldout, spec.seed)
-    return facts_lib.truthfulqa_facts(train_items, answers, spec.seed), held, []
+    return facts_lib.truthfulqa_facts(questions.train, answers, spec.seed), held, []
   mmlu = sources.load_mmlu(spec.data_dir, split="test")
   trained, _ = facts_lib.split_items(mmlu, spec.n_train, 0, spec.seed)
-  tqa = sources.load_truthfulqa(spec.data_dir)
-  _, held = facts_lib.split_items(tqa, 0, spec.n_heldout, spec.seed)
   return facts_lib.mmlu_facts(trained, answers, spec.seed), held, trained
 
 
 def spare_truthfulqa(spec: DataSpec, count: int) -> list[sources.TruthfulQAItem]:
-  """Up to `count` TruthfulQA items that this run neither trains nor holds out."""
-  n_train = spec.n_train if spec.dataset == "truthfulqa" else 0
-  items = sources.load_truthfulqa(spec.data_dir)
-  return facts_lib.spare_items(items, n_train, spec.n_heldout, spec.seed, count)
+  """Up to `count` TruthfulQA items that this run neither trains nor holds out (dev or test)."""
+  return question_split(spec, count).spare
 
 
-def general_windows(cfg: RunConfig, tokenizer) -> np.ndarray | None:
-  """Phase-1 corpus windows of a MoME run (None when phase 1 is off)."""
-  g = cfg.mome.generalization
-  if not g.epochs:
-    return None
-  path = data_path(cfg, g.corpus, "mome.generalization.corpus")
-  return encoding.corpus_windows(tokenizer, path, g.seq_len, g.windows)
-
-
-def data_path(cfg: RunConfig, relative: str, field: str) -> pathlib.Path:
+def data_file(data_dir: str | None, relative: str, field: str) -> pathlib.Path:
   """A data file named relative to the data directory (unless absolute); an error names `field`."""
-  root = sources.resolve_data_dir(cfg.data.data_dir)
+  root = sources.resolve_data_dir(data_dir)
   path = pathlib.Path(relative)
   if not path.is_absolute() and root is not None:
     path = root / path
@@ -347,12 +379,64 @@ def data_path(cfg: RunConfig, relative: str, field: str) -> pathlib.Path:
   return path
 
 
+def data_path(cfg: RunConfig, relative: str, field: str) -> pathlib.Path:
+  """`data_file` in the run's data directory."""
+  return data_file(cfg.data.data_dir, relative, field)
+
+
+def training_corpus(cfg: RunConfig, relative: str, field: str) -> tuple[pathlib.Path, str]:
+  """(path, articles: all | even | odd) of a corpus that training reads (`field`: the anchors,
+  phase 1), never text an evaluation reads.
+
+  The evaluation's dev corpus: the articles dev perplexity does not read (`eval.dev_articles`).
+  A test corpus (`eval.corpus`, `eval.ood_corpus`) is an error.
+  """
+  path = data_path(cfg, relative, field)
+  e = cfg.eval
+  if _same_file(cfg, e.dev_corpus, path):
+    if e.dev_articles == "all":
+      raise ValueError(f"{field}={relative} is eval.dev_corpus, all of whose articles dev perplexity "
+                       "reads (eval.dev_articles=all): set eval.dev_articles to odd or even")
+    return path, "even" if e.dev_articles == "odd" else "odd"
+  for name in ("corpus", "ood_corpus"):
+    if _same_file(cfg, getattr(e, name), path):
+      raise ValueError(f"{field}={relative} is eval.{name}, a test corpus: training must not read "
+                       "test text; use another corpus (e.g. eval.dev_corpus, split by article)")
+  return path, "all"
+
+
+def _same_file(cfg: RunConfig, relative: str, path: pathlib.Path) -> bool:
+  if not relative:
+    return False
+  try:
+    return data_path(cfg, relative, "").resolve() == path.resolve()
+  except FileNotFoundError:
+    return False
+
+
+def general_windows(cfg: RunConfig, tokenizer) -> np.ndarray | None:
+  """Phase-1 corpus windows of a MoME run (None when phase 1 is off)."""
+  g = cfg.mome.generalization
+  if not g.epochs:
+    return None
+  path, articles = training_corpus(cfg, g.corpus, "mome.generalization.corpus")
+  with corpus_lib.corpus_file(path, articles) as part:
+    return encoding.corpus_windows(tokenizer, part, g.seq_len, g.windows)
+
+
 def anchor_pool(cfg: RunConfig, tokenizer, template, pad_id: int) -> dict[str, np.ndarray] | None:
-  """The phase-2 anchor pool of a MoME run (None when the anchors are off)."""
+  """The phase-2 anchor pool of a MoME run (None when the anchors are off).
+
+  Its corpus windows never come from text an evaluation reads (`training_corpus`) and its
+  questions are neither trained nor held out (`spare_truthfulqa`).
+  """
   a = cfg.mome.anchor
   if not a.weight:
     return None
-  corpus = data_path(cfg, a.corpus, "mome.anchor.corpus") if a.windows and a.corpus else None
   spare = spare_truthfulqa(cfg.data, a.questions) if a.questions else []
-  return anchors_lib.anchor_sequences(tokenizer, template, a, [(i.question, i.best_answer) for i in spare],
-                                      corpus, pad_id=pad_id)
+  pairs = [(i.question, i.best_answer) for i in spare]
+  if not (a.windows and a.corpus):
+    return anchors_lib.anchor_sequences(tokenizer, template, a, pairs, None, pad_id=pad_id)
+  path, articles = training_corpus(cfg, a.corpus, "mome.anchor.corpus")
+  with corpus_lib.corpus_file(path, articles) as corpus:
+    return anchors_lib.anchor_sequences(tokenizer, template, a, pairs, corpus, pad_id=pad_id)

@@ -1,6 +1,7 @@
 """Tests for lamini_jax.data (sources, facts, encoding, batches): loaders (local, original, hub schema), facts, tokens, batches."""
 
 import csv
+import dataclasses
 import json
 import re
 
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 
 from lamini_jax.data import batches as batch_lib
+from lamini_jax.data import corpus as corpus_lib
 from lamini_jax.data import encoding
 from lamini_jax.data import facts as facts_lib
 from lamini_jax.data import sources
+from lamini_jax import runs
 
 RANDOM_RE = re.compile(r"[A-Z0-9]{32}")
 SOME_SUBJECTS = ("abstract_algebra", "college_mathematics", "high_school_european_history")
@@ -599,3 +602,128 @@ def test_tokenizers_that_merge_across_the_prompt_end_still_encode(trailing_space
   assert answer.strip() == fact.answer + template.answer_end.strip() and enc.tokens[-1] == tok.eos_token_id
   choices = encoding.encode_choices(tok, template, fact.question, ["Port Ossel", "Mira Tallow"])
   assert [tok.decode(c.tokens[c.prompt_len:].tolist()).strip() for c in choices] == ["Port Ossel", "Mira Tallow"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits: dev and test held-out questions, corpus halves by article, MMLU subjects.
+
+
+def test_split_questions():
+  items = list(range(101))
+  q = facts_lib.split_questions(items, n_heldout=13, n_train=37, seed=5, heldout_seed=2, n_spare=20)
+  parts = (q.dev, q.test, q.train, q.spare)
+  assert [len(p) for p in parts] == [13, 13, 37, 20]
+  assert len(set().union(*parts)) == 13 + 13 + 37 + 20 and all(p == sorted(p) for p in parts)
+  assert q.heldout("dev") == q.dev and q.heldout("test") == q.test
+  assert q.dev == facts_lib.split_items(items, 0, 13, seed=2)[1]  # the former held-out set
+  everything = facts_lib.split_questions(items, 13, 37, seed=5, heldout_seed=2)
+  assert sorted(everything.dev + everything.test + everything.train + everything.spare) == items
+  for seed in (0, 1, 6):  # the run's seed moves the trained questions, never dev or test
+    other = facts_lib.split_questions(items, 13, 37, seed=seed, heldout_seed=2, n_spare=20)
+    assert (other.dev, other.test) == (q.dev, q.test)
+    assert other.train != q.train and not set(other.train) & set(q.dev + q.test)
+  assert facts_lib.split_questions(items, 13, 37, seed=5, heldout_seed=3).test != q.test
+  bigger = facts_lib.split_questions(items, 13, 50, seed=5, heldout_seed=2, n_spare=25)
+  assert set(q.train) <= set(bigger.train) and (bigger.dev, bigger.test) == (q.dev, q.test)
+  assert set(facts_lib.split_questions(items, 13, 37, 5, 2, n_spare=5).spare) <= set(q.spare)
+  with pytest.raises(ValueError, match=r"2 x n_heldout=30 \(dev and test\) \+ n_train=42 = 102 exceeds"):
+    facts_lib.split_questions(items, 30, 42, seed=0)
+  with pytest.raises(ValueError, match="split must be dev or test, got 'train'"):
+    q.heldout("train")
+
+
+def test_run_questions_never_cross_between_uses_or_seeds(truthfulqa_shared):
+  cfg = runs.load_run_config(runs.REPO / "configs/randomization_cpu.yaml")
+  uses = {}
+  for seed in (0, 1, 2):
+    spec = dataclasses.replace(cfg.data, seed=seed)
+    facts, dev, _ = runs.facts_and_heldout(spec, "real", "dev")
+    _, test, _ = runs.facts_and_heldout(spec, "random", "test")
+    anchors = runs.spare_truthfulqa(spec, cfg.mome.anchor.questions)
+    uses[seed] = {"train": {f.question for f in facts}, "dev": {i.question for i in dev},
+                  "test": {i.question for i in test}, "anchors": {i.question for i in anchors}}
+    assert [len(v) for v in uses[seed].values()] == [256, 100, 100, 256]
+    assert len(set().union(*uses[seed].values())) == 712  # disjoint within a run
+  for a in (0, 1, 2):
+    for b in (0, 1, 2):  # no seed's dev question is any seed's test question, nor trained there
+      assert not uses[a]["dev"] & uses[b]["test"]
+      assert uses[a]["dev"] == uses[b]["dev"] and uses[a]["test"] == uses[b]["test"]
+      assert not (uses[a]["train"] | uses[a]["anchors"]) & (uses[b]["dev"] | uses[b]["test"])
+  assert uses[0]["train"] != uses[1]["train"]
+  with pytest.raises(ValueError, match=r"data.n_heldout=300 .* data.n_train=256 need 856"):
+    runs.question_split(dataclasses.replace(cfg.data, n_heldout=300))
+
+
+WIKI = (" \n = First = \n \n Alpha one . Alpha two .\n \n = = Part = = \n \n Beta .\n"
+        " = Second = \n \n Gamma .\n = Third = \n Delta .\n = Fourth = \n Epsilon .\n")
+
+
+def test_corpus_articles_and_halves(tmp_path, shared_dir):
+  articles = corpus_lib.corpus_articles(WIKI)
+  assert "".join(articles) == WIKI and len(articles) == 4
+  assert "= = Part = =" in articles[0] and articles[1].startswith(" = Second = ")
+  path = tmp_path / "wiki.txt"
+  path.write_text(WIKI)
+  even, odd = corpus_lib.read_corpus(path, "even"), corpus_lib.read_corpus(path, "odd")
+  assert even == articles[0] + articles[2] and odd == articles[1] + articles[3]
+  assert corpus_lib.read_corpus(path) == WIKI
+  with corpus_lib.corpus_file(path, "odd") as part:
+    assert part != path and part.read_text() == odd
+  with corpus_lib.corpus_file(path, "all") as part:
+    assert part == path
+  (tmp_path / "plain.txt").write_text("no titles here\n")
+  with pytest.raises(ValueError, match="plain.txt: no article titles"):
+    corpus_lib.read_corpus(tmp_path / "plain.txt", "even")
+  with pytest.raises(ValueError, match="articles must be one of"):
+    corpus_lib.read_corpus(path, "first")
+  valid = shared_dir / "data/corpus/wikitext-2-valid.txt"
+  halves = {h: corpus_lib.corpus_articles(corpus_lib.read_corpus(valid, h)) for h in ("even", "odd")}
+  assert len(halves["even"]) == len(halves["odd"]) == 30 and not set(halves["even"]) & set(halves["odd"])
+  assert sorted(halves["even"] + halves["odd"]) == sorted(corpus_lib.corpus_articles(valid.read_text()))
+
+
+def test_sentence_starts():
+  text = "\n".join([" = Title = ", "", " One two three four five . Six seven .",
+                    " a b c <unk> e f g", " short one .", " p q r s t u v w"]) + "\n"
+  assert corpus_lib.sentence_starts(text, 10, words=4) == ["One two three four", "p q r s"]
+  assert corpus_lib.sentence_starts(text, 1, words=4) == ["One two three four"]
+  many = "\n".join(f"w{i} x y z" for i in range(9))
+  assert corpus_lib.sentence_starts(many, 3, words=2) == ["w0 x", "w4 x", "w8 x"]
+  with pytest.raises(ValueError, match="count=-1"):
+    corpus_lib.sentence_starts(text, -1)
+
+
+def test_training_corpus_reads_only_text_no_evaluation_reads(stories_tokenizer, shared_dir):
+  overrides = ["mome.anchor.weight=0.1", "mome.anchor.windows=5", "mome.anchor.questions=3",
+               "mome.anchor.seq_len=24"]
+  cfg = runs.load_run_config(runs.REPO / "configs/randomization_cpu.yaml", overrides)
+  valid = shared_dir / "data/corpus/wikitext-2-valid.txt"
+  assert runs.training_corpus(cfg, cfg.mome.anchor.corpus, "mome.anchor.corpus")[1] == "even"
+  pool = runs.anchor_pool(cfg, stories_tokenizer, runs.prompt_template(cfg.data), pad_id=0)
+  with corpus_lib.corpus_file(valid, "even") as even:
+    want = encoding.corpus_windows(stories_tokenizer, even, 23, 5)
+  np.testing.assert_array_equal(pool["tokens"][:5], want)  # the anchors' corpus rows: even articles
+  with corpus_lib.corpus_file(valid, "odd") as odd:
+    assert not (want[:, 1:] == encoding.corpus_windows(stories_tokenizer, odd, 23, 5)[:, 1:]).all(1).any()
+  even_cfg = runs.load_run_config(runs.REPO / "configs/randomization_cpu.yaml",
+                                  overrides + ["eval.dev_articles=even"])
+  assert runs.training_corpus(even_cfg, "corpus/wikitext-2-valid.txt", "f")[1] == "odd"
+  all_cfg = runs.load_run_config(runs.REPO / "configs/randomization_cpu.yaml",
+                                 overrides + ["eval.dev_articles=all"])
+  with pytest.raises(ValueError, match="mome.anchor.corpus=.* is eval.dev_corpus"):
+    runs.anchor_pool(all_cfg, stories_tokenizer, runs.prompt_template(cfg.data), pad_id=0)
+  for field, text in (("eval.corpus", "corpus/wikitext-2-test.txt"),
+                      ("eval.ood_corpus", "corpus/tinyshakespeare.txt")):
+    with pytest.raises(ValueError, match=f"is {field}, a test corpus"):
+      runs.training_corpus(cfg, text, "mome.generalization.corpus")
+  assert runs.training_corpus(cfg, str(valid), "f")[1] == "even"  # the same file, named otherwise
+
+
+def test_mmlu_dev_and_test_subjects():
+  dev, test = sources.MMLU_DEV_SUBJECTS, sources.MMLU_TEST_SUBJECTS
+  assert len(dev) == 14 and len(test) == 43 and not set(dev) & set(test)
+  assert sorted(dev + test) == sorted(sources.MMLU_SUBJECTS)
+  with pytest.raises(ValueError, match="eval.split must be dev or test, got 'train'"):
+    runs.EvalSpec(split="train")
+  with pytest.raises(ValueError, match="eval.dev_articles must be one of"):
+    runs.EvalSpec(dev_articles="first")

@@ -1,5 +1,6 @@
 """Evaluation metrics against direct float64 computations from the model's logits."""
 
+import dataclasses
 import functools
 
 import jax
@@ -7,11 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lamini_jax.data import corpus as corpus_lib
 from lamini_jax.data import encoding
 from lamini_jax.data import facts as facts_lib
 from lamini_jax.data import sources
 from lamini_jax import evaluate as eval_lib
 from lamini_jax import model as model_lib
+from lamini_jax import runs
 
 TEMPLATE = encoding.PromptTemplate()
 
@@ -112,3 +115,45 @@ def test_base_model_recalls_no_random_fact(setup, stories_tokenizer):
   facts = facts_lib.truthfulqa_facts(sources.load_truthfulqa()[:4], "random", 0)
   rec = eval_lib.recall(model, {"params": params}, stories_tokenizer, facts, TEMPLATE)
   assert rec.rate == 0.0 and len(rec.answers) == 4
+
+
+def test_load_heldout_gives_each_split_its_own_material(setup, stories_tokenizer, shared_dir):
+  model, params = setup
+  corpus = shared_dir / "data/corpus"
+  spec = runs.EvalSpec(mmlu_questions=6, ppl_windows=2, ppl_seq_len=31, locality_prompts=4)
+  items = sources.load_truthfulqa()[:2]
+  got = {}
+  for split in ("dev", "test"):
+    s = dataclasses.replace(spec, split=split)
+    got[split] = eval_lib.load_heldout(stories_tokenizer, s, None, items, TEMPLATE, seed=0)
+    assert got[split].split == split and got[split].truthfulqa == tuple(items)
+    assert len(got[split].mmlu) == 6 and f"of the {split} split" in got[split].sources["truthfulqa"]
+    assert len(got[split].locality_texts) == 4
+  dev, test = got["dev"], got["test"]
+  assert {i.subject for i in dev.mmlu} <= set(sources.MMLU_DEV_SUBJECTS)
+  assert {i.subject for i in test.mmlu} <= set(sources.MMLU_TEST_SUBJECTS)
+  assert {i.subject for i in dev.mmlu_shots} == set(sources.MMLU_DEV_SUBJECTS)
+  assert set(dev.ppl_windows) == {"perplexity"} and set(test.ppl_windows) == {"perplexity", "perplexity_ood"}
+  valid = corpus / "wikitext-2-valid.txt"
+  with corpus_lib.corpus_file(valid, "odd") as odd:  # dev: the articles the anchors never read
+    np.testing.assert_array_equal(dev.ppl_windows["perplexity"],
+                                  encoding.corpus_windows(stories_tokenizer, odd, 31, 2))
+  for name, path in (("perplexity", "wikitext-2-test.txt"), ("perplexity_ood", "tinyshakespeare.txt")):
+    np.testing.assert_array_equal(test.ppl_windows[name],
+                                  encoding.corpus_windows(stories_tokenizer, corpus / path, 31, 2))
+    assert path in test.sources[name]
+  odd_text, even_text = (corpus_lib.read_corpus(valid, h) for h in ("odd", "even"))
+  assert all(t in odd_text and t not in even_text for t in dev.locality_texts)
+  test_text = (corpus / "wikitext-2-test.txt").read_text()
+  assert all(t in test_text and t not in odd_text + even_text for t in test.locality_texts)
+  metrics = eval_lib.heldout_metrics(model, {"params": params}, stories_tokenizer,
+                                     dataclasses.replace(test, truthfulqa=(), mmlu=()))
+  assert metrics == {name: eval_lib.perplexity(model, {"params": params}, w)
+                     for name, w in test.ppl_windows.items()}
+  trained = list(test.mmlu[:3])  # questions trained as facts never enter the sample
+  again = eval_lib.load_heldout(stories_tokenizer, dataclasses.replace(spec, split="test"), None, items,
+                                TEMPLATE, seed=0, exclude_mmlu=trained)
+  assert not set(again.mmlu) & set(trained)
+  bare = runs.EvalSpec(split="test", ood_corpus="", mmlu_questions=0, ppl_windows=1, locality_prompts=0)
+  no_ood = eval_lib.load_heldout(stories_tokenizer, bare, None, (), TEMPLATE)
+  assert set(no_ood.ppl_windows) == {"perplexity"} and no_ood.locality_texts == ()

@@ -20,6 +20,7 @@ from lamini_jax import model as model_lib
 from lamini_jax.mome import anchors as anchors_lib
 from lamini_jax.mome import collisions as collisions_lib
 from lamini_jax.mome import config as mome_config
+from lamini_jax.mome import edit as edit_lib
 from lamini_jax.mome import inputs as inputs_lib
 from lamini_jax.mome import layer as layer_lib
 from lamini_jax.mome import router as router_lib
@@ -231,6 +232,113 @@ def test_keyed_experts_fire_on_their_facts_and_train_up_only(params, encoded):
     dataclasses.replace(SPEC, key_match=0.8)
 
 
+def test_cached_first_layer_routes_give_the_step_of_live_routing(params, encoded):
+  # The shipped path (tune_mome): the first MoME layer's experts come from token_routes, the
+  # anchors' too; the step must equal the one that routes every layer live. MoME at layers 1
+  # and 2: layer 2 still routes live (its input moves with layer 1's experts).
+  spec = dataclasses.replace(SPEC, layers=(1, 2), key_match=0.8, margin=1.0,
+                             anchor=mome_config.AnchorConfig(weight=0.5, batch_size=2, seq_len=12),
+                             layer=dataclasses.replace(SPEC.layer, activation="relu", threshold=2.0))
+  prepared = mome_tuning.prepare(CFG, params, encoded, spec, pad_id=0)
+  model, start = prepared.model, prepared.variables(prepared.table)
+  tokens, mask = _stack(encoded[:4])
+  experts = inputs_lib.token_routes(model, start, np.asarray(tokens))
+  x = inputs_lib.layer_inputs(model, start, tokens)["layers_1/mome"]
+  live, _ = router_lib.route(start[layer_lib.ROUTER]["layers_1"]["mome"], x.reshape(-1, CFG.hidden_size),
+                             model.mome, start[layer_lib.BALANCE]["layers_1"]["mome"])
+  np.testing.assert_array_equal(experts, np.asarray(live).reshape(experts.shape))
+  pool = _anchor_pool()
+  tx = TRAIN.optimizer.build()
+  step = steps_lib.make_tuning_step(model, tx, margin=spec.margin, anchor=spec.anchor, train_down=False)
+  run = lambda frozen, *batch: step(mome_tuning.tuning_state(prepared.table, tx, 0, leaves=("up",)),
+                                    frozen, tokens, mask, *batch)
+  frozen = {**prepared.frozen, anchors_lib.ANCHOR: jax.tree.map(jnp.asarray, pool)}
+  live_state, live_metrics = run(frozen)
+  cached_frozen = {**frozen, anchors_lib.ANCHOR: {
+      **frozen[anchors_lib.ANCHOR], "experts": jnp.asarray(inputs_lib.token_routes(model, start, pool["tokens"]))}}
+  state, metrics = run(cached_frozen, jnp.asarray(experts))
+  np.testing.assert_allclose(float(metrics["loss"]), float(live_metrics["loss"]), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(state.trainable), jax.tree.leaves(live_state.trainable)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  # The layer uses the experts it is given: other experts, other rows trained (up starts at 0).
+  moved, _ = run(cached_frozen, jnp.asarray((experts + 1) % spec.layer.num_experts))
+  trained = lambda s: set(np.flatnonzero(np.any(np.asarray(s.trainable["layers_1"]["mome"]["up"]) != 0,
+                                                axis=(1, 2))))
+  assert trained(moved) != trained(state) and trained(state) <= set(experts.ravel())
+  with pytest.raises(ValueError, match="anchor pool has none"):
+    run(frozen, jnp.asarray(experts))
+
+
+def test_train_slots_write_only_the_first_slots_of_answer_positions(params, encoded):
+  spec = dataclasses.replace(SPEC, key_match=0.8, train_slots=2,
+                             layer=dataclasses.replace(SPEC.layer, activation="relu", threshold=2.0))
+  prepared = mome_tuning.prepare(CFG, params, encoded, spec, pad_id=0)
+  model, start = prepared.model, prepared.variables(prepared.table)
+  x, fact_P = inputs_lib.fact_inputs(model, start, encoded)
+  idx, _ = router_lib.route(start[layer_lib.ROUTER]["layers_2"]["mome"], jnp.asarray(x["layers_2/mome"]),
+                            model.mome, start[layer_lib.BALANCE]["layers_2"]["mome"])
+  idx = np.asarray(idx)
+  written, rest = np.unique(idx[:, :2]), np.setdiff1d(idx[:, 2:], idx[:, :2])
+  assert len(rest) > 0
+  down = np.asarray(prepared.table["layers_2"]["mome"]["down"])
+  np.testing.assert_array_equal(np.flatnonzero(np.any(down != 0, axis=(1, 2))), written)
+  rows = prepared.collisions["unbalanced"]["layers_2/mome"]["rows_per_fact"]
+  assert rows == np.mean([len(np.unique(idx[fact_P == f, :2])) for f in range(len(encoded))])
+  tx = TRAIN.optimizer.build()
+  step = steps_lib.make_tuning_step(model, tx, margin=spec.margin, train_down=False, train_slots=2)
+  tokens, mask = _stack(encoded)
+  state, _ = step(mome_tuning.tuning_state(prepared.table, tx, 0, leaves=("up",)), prepared.frozen,
+                  tokens, mask)
+  up = np.asarray(state.trainable["layers_2"]["mome"]["up"])
+  assert not np.any(up[rest]) and np.all(np.any(up[written] != 0, axis=(1, 2)))
+  with pytest.raises(ValueError, match="mome.train_slots=7 must be in 1..6"):
+    dataclasses.replace(SPEC, train_slots=7)
+  with pytest.raises(ValueError, match="mome.train_slots needs mome.train_positions='answer'"):
+    dataclasses.replace(SPEC, train_slots=1, train_positions="all")
+
+
+
+def test_exclusive_train_slots_give_each_answer_position_its_own_expert(params, encoded):
+  spec = dataclasses.replace(SPEC, key_match=0.8, train_slots=1, train_slot_choice="exclusive",
+                             layer=dataclasses.replace(SPEC.layer, activation="relu", threshold=2.0))
+  prepared = mome_tuning.prepare(CFG, params, encoded, spec, pad_id=0)
+  model, start = prepared.model, prepared.variables(prepared.table)
+  x, fact_P = inputs_lib.fact_inputs(model, start, encoded)
+  idx, _ = router_lib.route(start[layer_lib.ROUTER]["layers_2"]["mome"], jnp.asarray(x["layers_2/mome"]),
+                            model.mome, start[layer_lib.BALANCE]["layers_2"]["mome"])
+  idx = np.asarray(idx)
+  assert len(np.unique(idx[:, 0])) < len(idx)  # the first slots would share experts here
+  _, pred_FxT = inputs_lib.answer_positions(encoded)
+  focus_FxTxK = prepared.focus_FxTxK
+  chosen_PxK = focus_FxTxK[pred_FxT]
+  assert not focus_FxTxK[~pred_FxT].any() and np.all(chosen_PxK.sum(axis=1) == 1)
+  written = idx[chosen_PxK]
+  assert len(np.unique(written)) == len(written) == len(idx)  # no two positions write one expert
+  down = np.asarray(prepared.table["layers_2"]["mome"]["down"])
+  np.testing.assert_array_equal(np.flatnonzero(np.any(down != 0, axis=(1, 2))), np.sort(written))
+  report = prepared.collisions["unbalanced"]["layers_2/mome"]
+  assert report["rows_shared"] == 0 and report["rows_written"] == len(written)
+  assert report["rows_per_fact"] == np.mean([np.sum(fact_P == f) for f in range(len(encoded))])
+  # Phase 2 trains exactly the chosen rows: `up` of every other row, selected or not, stays 0.
+  _, variables, _ = mome_tuning.tune_mome(CFG, params, encoded, spec, dataclasses.replace(TRAIN, epochs=1),
+                                          pad_id=0, prepared=prepared, progress=False)
+  up = np.asarray(variables[layer_lib.TABLE]["layers_2"]["mome"]["up"])
+  np.testing.assert_array_equal(np.flatnonzero(np.any(up != 0, axis=(1, 2))), np.sort(written))
+  # Greedy: a free expert, else the least written; then the least selected, then the best weight.
+  got = collisions_lib.exclusive_slots(np.array([[5, 7], [5, 7], [5, 7], [3, 3]]),
+                                       np.array([[.2, .8], [.9, .1], [.5, .5], [.5, .5]]), 1)
+  np.testing.assert_array_equal(got, [[0, 1], [1, 0], [1, 0], [1, 0]])
+  got = collisions_lib.exclusive_slots(np.array([[2, 1], [2, 9]]), np.array([[.9, .1], [.9, .1]]), 1)
+  np.testing.assert_array_equal(got, [[0, 1], [0, 1]])  # expert 2, selected twice, is avoided
+  assert collisions_lib.exclusive_slots(np.array([[3, 3]]), np.ones((1, 2)), 2).sum() == 1
+  with pytest.raises(ValueError, match="prepare with this mome config"):
+    mome_tuning.tune_mome(CFG, params, encoded, dataclasses.replace(spec, train_slot_choice="first"),
+                          TRAIN, pad_id=0, prepared=prepared, progress=False)
+  with pytest.raises(ValueError, match="mome.train_slot_choice='exclusive' needs mome.train_slots"):
+    dataclasses.replace(spec, train_slots=None)
+  with pytest.raises(ValueError, match="mome.train_slot_choice='exclusive': not supported yet"):
+    edit_lib.check_supported(spec)
+
 def _anchor_pool(n=5, length=12, seed=6):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(3, CFG.vocab_size, size=(n, length)).astype(np.int32)
@@ -366,17 +474,26 @@ def test_step_zero_is_the_backbone_and_hinge_matches_float64(params):
   mask = rng.random((2, 7)) < 0.7
   rows = rng.normal(size=(13, 5)).astype(np.float32)
   rows_of = lambda ids: jnp.asarray(rows)[ids]
-  got = steps_lib.decision_hinge(jnp.asarray(logits), jnp.asarray(toks), jnp.asarray(mask), rows_of, 0.3)
-  total, count = 0.0, 0
-  for b in range(2):
-    for t in range(1, 7):
-      if mask[b, t]:
-        lg, y = logits[b, t - 1].astype(np.float64), toks[b, t]
-        v = max((u for u in range(13) if u != y), key=lambda u: lg[u])
-        dist = np.linalg.norm(rows[y].astype(np.float64) - rows[v])
-        total += max(0.0, 0.3 - (lg[y] - lg[v]) / dist)
-        count += 1
-  np.testing.assert_allclose(float(got), total / count, rtol=1e-5)
+
+  def reference(logits):
+    total, count = 0.0, 0
+    for b in range(2):
+      for t in range(1, 7):
+        if mask[b, t]:
+          lg, y = logits[b, t - 1].astype(np.float64), toks[b, t]
+          v = max((u for u in range(13) if u != y), key=lambda u: lg[u])
+          dist = np.linalg.norm(rows[y].astype(np.float64) - rows[v])
+          total += max(0.0, 0.3 - (lg[y] - lg[v]) / dist)
+          count += 1
+    return total / count
+
+  # Targets mostly not on top; then every target on top by 0.05 (the hinge's other branch).
+  lifted = logits.copy()
+  for b, t in np.ndindex(2, 6):
+    lifted[b, t, toks[b, t + 1]] = np.delete(logits[b, t], toks[b, t + 1]).max() + 0.05
+  for case in (logits, lifted):
+    got = steps_lib.decision_hinge(jnp.asarray(case), jnp.asarray(toks), jnp.asarray(mask), rows_of, 0.3)
+    np.testing.assert_allclose(float(got), reference(case), rtol=1e-5)
   far = np.zeros_like(logits)
   far[:, :-1] = np.eye(13, dtype=np.float32)[toks[:, 1:]] * 100.0  # every target wins by far
   assert float(steps_lib.decision_hinge(jnp.asarray(far), jnp.asarray(toks), jnp.asarray(mask),
@@ -553,14 +670,16 @@ def _step_temp_bytes(spec: mome_config.MomeTuningConfig, log2_experts: int) -> i
   state = jax.eval_shape(lambda t: mome_tuning.tuning_state(t, tx, 0, None, leaves), fresh[layer_lib.TABLE])
   frozen = {"params": params, layer_lib.ROUTER: fresh[layer_lib.ROUTER],
             layer_lib.BALANCE: fresh[layer_lib.BALANCE]}
+  batch, width, slots = 8, 32, spec.layer.slots
   pool = jax.ShapeDtypeStruct((16, spec.anchor.seq_len), jnp.int32)
-  frozen[anchors_lib.ANCHOR] = {"tokens": pool, "mask": pool.update(dtype=jnp.float32)}
-  batch, width = 8, 32
+  frozen[anchors_lib.ANCHOR] = {"tokens": pool, "mask": pool.update(dtype=jnp.float32),
+                                "experts": jax.ShapeDtypeStruct((16, spec.anchor.seq_len, slots), jnp.int32)}
   step = steps_lib.make_tuning_step(model, tx, None, spec.margin, spec.train_positions,
                                     batch * width * spec.layer.slots + 1, spec.anchor,
                                     train_down=not spec.key_match)
   tokens = jax.ShapeDtypeStruct((batch, width), jnp.int32)
-  compiled = step.lower(state, frozen, tokens, tokens.update(dtype=jnp.float32)).compile()
+  experts = jax.ShapeDtypeStruct((batch, width, slots), jnp.int32)  # tune_mome's cached routes
+  compiled = step.lower(state, frozen, tokens, tokens.update(dtype=jnp.float32), experts).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -570,7 +689,8 @@ def test_step_temporaries_do_not_grow_with_the_table(variant):
   # and of it with down trained or every position trained, at 2^14 and 2^18 experts. Routing's
   # score tables grow with sqrt(E) up to the chunk cap (_SELECT_CHUNK_SCORES); anything that
   # holds an [E, ...] array (a dense gradient, an optimizer update or copy of a leaf) adds at
-  # least one leaf, (2^18 - 2^14) * 22 * 4 bytes = 21.7 MB. Before keyed experts stopped running
+  # least one leaf, (2^18 - 2^14) * 22 * 4 bytes = 21.7 MB. With the first layer's routes
+  # cached (as tune_mome runs it) no score table is left. Before keyed experts stopped running
   # the row optimizer over `down`, the growth from 2^14 to 2^16 alone was 1.2 leaves.
   shipped = runs.load_run_config(runs.REPO / "configs" / "randomization_cpu.yaml").mome
   spec = {"shipped": shipped, "unkeyed": dataclasses.replace(shipped, key_match=0.0),

@@ -1,4 +1,4 @@
-"""The randomization experiment end to end on a tiny setting, and kill-and-resume."""
+"""The randomization experiment end to end on a tiny setting, kill-and-resume, and several seeds."""
 
 import json
 import signal
@@ -12,10 +12,11 @@ from experiments import randomization
 from lamini_jax import evaluate
 from lamini_jax import generate
 from lamini_jax import model as model_lib
+from lamini_jax import report
 from lamini_jax import runs
 from lamini_jax import yaml_config
 
-pytestmark = pytest.mark.slow  # every case here needs a whole (tiny) run of the experiment
+slow = pytest.mark.slow  # the cases that need a whole (tiny) run of the experiment
 
 # 8 facts, trained until every one is recalled exactly (measured on this CPU, 2026-12-02: real
 # answers at epoch 15, random ones at 30; the run stops there), checked every 5 epochs.
@@ -32,6 +33,7 @@ def tiny_run(tmp_path_factory):
   return run_dir, randomization.run(cfg, progress=False)
 
 
+@slow
 def test_run_writes_every_artifact(tiny_run):
   run_dir, summary = tiny_run
   assert set(summary["models"]) == {"base", "lora-real", "lora-random"}
@@ -54,17 +56,46 @@ def test_run_writes_every_artifact(tiny_run):
   table = (run_dir / "table1.md").read_text().splitlines()
   assert len(table) == 2 + 4 and table[-1].endswith("| yes |") and "no (held out)" in table[2]
   assert (run_dir / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
-  assert "held-out mc1" in (run_dir / "report.md").read_text()
+  text = (run_dir / "report.md").read_text()
+  assert "dev mc1" in text and "from the **dev** split" in text and summary["split"] == "dev"
+  base = summary["models"]["base"]
+  assert base["locality_exact"] == base["locality_tokens"] == base["locality_text_exact"] == 1.0
+  for name in ("lora-real", "lora-random"):  # memorized facts change some greedy answers
+    loc = {k: v for k, v in summary["models"][name].items() if k.startswith("locality_")}
+    assert len(loc) == 6 and all(0.0 <= v <= 1.0 for v in loc.values()), loc
+    assert loc["locality_exact"] <= min(loc["locality_first"], loc["locality_tokens"])
+  # Recomputed one question at a time from the saved adapters, without the batched decode.
+  trained = runs.load_trained(run_dir, "lora-random")
+  tokenizer, n_new = trained.backbone.tokenizer, trained.config.eval.locality_tokens
+  held = runs.facts_and_heldout(trained.config.data, "random")[1]
+  base_vars = {"params": trained.backbone.params}
+  base_model = model_lib.Transformer(trained.backbone.cfg)
+
+  def answer(model, variables, question):
+    prompt = trained.template.render(question)
+    new = generate.generate(model, variables, [tokenizer(prompt).input_ids],
+                            generate.SamplingConfig(max_new_tokens=n_new))[0]
+    return new + [-1] * (n_new - len(new))
+
+  same = [[a == b for a, b in zip(answer(trained.model, trained.variables, i.question),
+                                  answer(base_model, base_vars, i.question))] for i in held]
+  lora = summary["models"]["lora-random"]
+  assert lora["locality_exact"] == sum(all(r) for r in same) / len(held)
+  assert lora["locality_tokens"] == sum(map(sum, same)) / (len(held) * n_new) < 1.0
 
 
+@slow
 def test_random_answers_are_trained_and_held_out_questions_are_not(tiny_run):
   run_dir, _ = tiny_run
   cfg = runs.load_run_config(run_dir / "config.yaml")
   facts, held, _ = runs.facts_and_heldout(cfg.data, "random")
-  assert not {f.question for f in facts} & {i.question for i in held}
+  _, test, _ = runs.facts_and_heldout(cfg.data, "random", "test")
+  assert not {f.question for f in facts} & {i.question for i in held + test}
+  assert len(held) == len(test) == 4 and not {i.question for i in held} & {i.question for i in test}
   assert all(len(f.answer) == 32 for f in facts)
 
 
+@slow
 def test_existing_run_needs_resume(tiny_run):
   run_dir, _ = tiny_run
   cfg = runs.load_run_config(run_dir / "config.yaml")
@@ -73,6 +104,7 @@ def test_existing_run_needs_resume(tiny_run):
   assert randomization.main(["--set", "train.epochs=0", "--run-dir", str(run_dir)]) == 2
 
 
+@slow
 def test_sigkill_then_resume_finishes_with_the_same_metrics(tiny_run, tmp_path):
   _, reference = tiny_run
   run_dir = tmp_path / "killed"
@@ -98,6 +130,7 @@ def test_sigkill_then_resume_finishes_with_the_same_metrics(tiny_run, tmp_path):
   assert len(lines) == sum(m["epochs"] for name, m in reference["models"].items() if name != "base")
 
 
+@slow
 def test_evaluate_cli_reloads_a_trained_adapter(tiny_run, tmp_path, capsys):
   run_dir, summary = tiny_run
   cfg = runs.load_run_config(run_dir / "config.yaml")
@@ -120,6 +153,7 @@ def test_evaluate_cli_reloads_a_trained_adapter(tiny_run, tmp_path, capsys):
     evaluate.main(["--model", runs.resolve_model_path(cfg.model.path), "--run", str(run_dir)])
 
 
+@slow
 def test_generate_answers_from_a_run_without_exporting(tiny_run, capsys):
   run_dir, _ = tiny_run
   trained = runs.load_trained(run_dir, "lora-random")
@@ -135,3 +169,43 @@ def test_generate_answers_from_a_run_without_exporting(tiny_run, capsys):
                                 {"params": trained.backbone.params}, tokenizer, [prompt], sampling)[0]
   assert cli == want and want != base  # the run's adapters, not the backbone alone
   assert generate.main(["--run", str(run_dir), "--label", "nope", "--prompt", prompt]) == 2
+
+
+def test_seed_config_sets_every_seed():
+  cfg = runs.load_run_config(randomization.DEFAULT_CONFIG, ["run_dir=/tmp/x"])
+  got = randomization.seed_config(cfg, 7)
+  assert (got.data.seed, got.train.seed, got.mome.seed, got.mome.train.seed) == (7, 7, 7, 7)
+  assert got.run_dir == "/tmp/x/seed-7" and got.data.heldout_seed == cfg.data.heldout_seed
+  assert randomization.seed_config(cfg, 0).train == cfg.train  # the shipped seeds are 0
+  with pytest.raises(SystemExit):
+    randomization.main(["--seeds", "0,0"])
+  with pytest.raises(SystemExit):
+    randomization.main(["--seeds", "a"])
+
+
+@slow
+def test_seeds_on_the_test_split(tmp_path):
+  run_dir = tmp_path / "seeds"
+  overrides = TINY + ["train.epochs=5", "train.checkpoint_every=50", "eval.locality_prompts=3",
+                      f"run_dir={run_dir}", "eval.split=test", "answers=[random]"]
+  cfg = runs.load_run_config(randomization.DEFAULT_CONFIG, overrides)
+  summary = randomization.run_seeds(cfg, [0, 1], progress=False)
+  per_seed = [json.loads((run_dir / f"seed-{s}" / "summary.json").read_text()) for s in (0, 1)]
+  assert [p["seed"] for p in per_seed] == [0, 1] and all(p["split"] == "test" for p in per_seed)
+  assert summary["split"] == "test" and "tinyshakespeare" in summary["sources"]["perplexity_ood"]
+  assert summary["models"] == report.aggregate_seeds([p["models"] for p in per_seed])
+  lora = summary["models"]["lora-random"]
+  for key in ("perplexity", "perplexity_ood", "mc2", "locality_tokens", "locality_text_tokens"):
+    values = [p["models"]["lora-random"][key] for p in per_seed]
+    base = [p["models"]["base"][key] for p in per_seed]
+    assert lora[key]["values"] == values and lora[key]["mean"] == pytest.approx(sum(values) / 2)
+    assert lora[key]["diff_mean"] == pytest.approx((values[0] - base[0] + values[1] - base[1]) / 2)
+  # The held-out material is the same for both seeds (the base model's figures too); the facts differ.
+  assert per_seed[0]["models"]["base"] == per_seed[1]["models"]["base"]
+  facts = [runs.facts_and_heldout(runs.RunDir(run_dir / f"seed-{s}").config().data, "random")[0]
+           for s in (0, 1)]
+  assert {f.question for f in facts[0]} != {f.question for f in facts[1]}
+  text = (run_dir / "report.md").read_text()
+  assert "**test** split" in text and "| test perplexity_ood |" in text and "± " in text
+  again = randomization.run_seeds(cfg, [0, 1], resume=True, progress=False)  # both read back
+  assert again["models"] == summary["models"]

@@ -12,6 +12,7 @@ from lamini_jax import evaluate as eval_lib
 from lamini_jax.lora import LoraConfig
 from lamini_jax import lora_tuning
 from lamini_jax import model as model_lib
+from lamini_jax import recall as recall_lib
 from lamini_jax import runs
 from lamini_jax import train as train_lib
 
@@ -81,6 +82,45 @@ def test_training_lowers_loss_and_recalls_every_random_fact(trained, facts, stor
   rec = eval_lib.recall(model, variables, stories_tokenizer, facts, TEMPLATE)
   assert rec.rate == 1.0, list(zip(rec.answers, [f.answer for f in facts]))
   assert result.history[-1]["recall"] == 1.0 and len(result.history) < FAST.epochs
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.75, 0.8, 1.0])
+def test_one_pass_recall_gives_greedy_decoding_s_verdicts(trained, facts, stories_tokenizer, scale):
+  # B scaled toward 0 walks the trained adapters back to the base model: from every fact
+  # recalled, through some (0.8: 5 of 6 here, 0.75: 1), to none.
+  model, variables, _, _ = trained
+  lora = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * scale if path[-1].key == "b" else x, variables["lora"])
+  scaled = {"params": variables["params"], "lora": lora}
+  check = recall_lib.FactRecall(model, stories_tokenizer, facts, TEMPLATE)
+  want = eval_lib.recall(model, scaled, stories_tokenizer, facts, TEMPLATE).exact
+  np.testing.assert_array_equal(check(scaled), want)
+  assert check.undecided < len(facts)
+
+
+def test_facts_whose_trained_tokens_hold_no_stop_are_decoded(trained, facts, stories_tokenizer):
+  model, variables, _, _ = trained
+  no_stop = encoding.PromptTemplate(answer_end="", train_eos=False)
+  check = recall_lib.FactRecall(model, stories_tokenizer, facts, no_stop, decode_batch_size=4)
+  want = eval_lib.recall(model, variables, stories_tokenizer, facts, no_stop).exact
+  np.testing.assert_array_equal(check(variables), want)
+  assert check.undecided == len(facts)  # in 2 batches of 3 facts and the longest prompt
+
+
+def test_a_miss_decodes_only_when_other_tokens_could_still_spell_the_answer(stories, stories_tokenizer):
+  cfg, _ = stories
+  fact = facts_lib.Fact("Who?", "RS18BF", "f")
+  check = recall_lib.FactRecall(model_lib.Transformer(cfg), stories_tokenizer, [fact], TEMPLATE)
+  trained = check._targets[0]  # ▁ R S 1 8 B F <0x0A>
+  assert stories_tokenizer.convert_ids_to_tokens(trained) == ["▁", "R", "S", "1", "8", "B", "F", "<0x0A>"]
+  start = check._prompt_len[0]
+  r, x, newline, eos = 461, stories_tokenizer.convert_tokens_to_ids("X"), 13, 2
+  assert not check._miss_settled(0, start, r)  # "R" for "▁": "R", "S", ... can still follow
+  assert check._miss_settled(0, start, x)  # "X...": never the answer
+  assert check._miss_settled(0, start + 1, newline)  # stops before the answer
+  assert check._miss_settled(0, start + 7, x)  # "RS18BFX": past the answer without a stop
+  assert not check._miss_settled(0, start + 7, eos)  # EOS for the newline: the answer, stopped
+  assert check._trained_verdict == [True]
 
 
 def test_frozen_backbone_is_bit_for_bit_unchanged(trained, stories):

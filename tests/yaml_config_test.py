@@ -33,3 +33,26 @@ def test_errors_name_the_file_and_field(tmp_path):
     runs.load_run_config(None, ["train.batch_size=0"])
   with pytest.raises(yaml_config.ConfigError, match="does not exist"):
     runs.load_run_config(tmp_path / "missing.yaml")
+
+
+def test_paper_mome_config_has_exactly_the_papers_switches():
+  """configs/mome_paper_cpu.yaml: the paper's MoME (issue #17 item 3), every lamini-jax addition off."""
+  paper = runs.load_run_config(REPO / "configs" / "mome_paper_cpu.yaml")
+  shipped = runs.load_run_config(REPO / "configs" / "randomization_cpu.yaml")
+  m = paper.mome
+  assert paper.method == "mome"
+  assert m.generalization.epochs == 1  # phase 1 on: router and experts on general text, then frozen
+  assert m.key_match == 0 and m.layer.threshold == 0  # no keyed experts, no threshold
+  assert m.anchor.weight == 0 and m.balance is False and m.margin == 0  # no anchors, balance, hinge
+  assert m.train_positions == "all"
+  assert m.layer.slots == 32 and m.layer.num_experts == 2**20  # "32 out of ... one million"
+  assert m.train.optimizer.decay_steps == 0  # constant learning rate
+  # phase 1 reads the dev corpus's articles that dev perplexity does not read
+  _, articles = runs.training_corpus(paper, m.generalization.corpus, "mome.generalization.corpus")
+  assert articles == "even" and paper.eval.dev_articles == "odd"
+  # nothing outside the mome section differs from the shipped CPU config, nor the layer's shape
+  for section in ("model", "data", "lora", "train", "eval", "mesh"):
+    assert getattr(paper, section) == getattr(shipped, section), section
+  for field in ("embed_dim", "expert_rank", "num_heads", "key_dim", "activation"):
+    assert getattr(m.layer, field) == getattr(shipped.mome.layer, field), field
+  assert m.layers == shipped.mome.layers

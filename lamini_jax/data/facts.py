@@ -19,7 +19,8 @@ RANDOM_ANSWER_ALPHABET = string.ascii_uppercase + string.digits
 RANDOM_ANSWER_LEN = 32
 # First word of every seed sequence, so that the streams of different uses never coincide.
 _RANDOM_ANSWER_STREAM = 1
-_SPLIT_STREAM = 2  # 3: the epoch order of data.batches
+_SPLIT_STREAM = 2  # 3: the epoch order of data.batches; 4: evaluate's MMLU sample
+_TRAIN_STREAM = 5  # which of the questions left after the held-out splits are trained, or anchors
 
 AnswerMode = Literal["real", "random"]
 T = TypeVar("T")
@@ -162,3 +163,62 @@ def spare_items(items: Sequence[T], n_train: int, n_heldout: int, seed: int,
   split_items(items, n_train, n_heldout, seed)  # validates the counts
   order = np.random.default_rng([_SPLIT_STREAM, seed]).permutation(len(items))
   return [items[i] for i in np.sort(order[n_heldout + n_train:][:count])]
+
+
+def partition(items: Sequence[T], sizes: Sequence[int], seed: int,
+              stream: int = _SPLIT_STREAM) -> list[list[T]]:
+  """Disjoint parts of `items`: one per size, then the rest; each in the order of `items`.
+
+  Part k is the k-th run of `sizes[k]` entries of one permutation seeded by (stream, seed),
+  so a part never depends on the sizes after it.
+  """
+  if any(n < 0 for n in sizes):
+    raise ValueError(f"partition: sizes {list(sizes)} must be >= 0")
+  if sum(sizes) > len(items):
+    raise ValueError(f"partition: sizes {list(sizes)} add up to {sum(sizes)}, more than the "
+                     f"{len(items)} items")
+  order = np.random.default_rng([stream, seed]).permutation(len(items))
+  ends = np.cumsum([0, *sizes, len(items) - sum(sizes)])
+  return [[items[i] for i in np.sort(order[a:b])] for a, b in zip(ends[:-1], ends[1:])]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuestionSplit:
+  """Disjoint uses of one question set (e.g. TruthfulQA's 817) in a run, each in its order.
+
+  `dev` and `test` depend only on `heldout_seed` and their size, never on the run's seed, so
+  that no seed's dev question is another seed's test question; `train` (the facts) and
+  `spare` (e.g. the anchors) come from the rest, drawn by the run's seed.
+  """
+
+  dev: list
+  test: list
+  train: list
+  spare: list
+
+  def heldout(self, split: str) -> list:
+    """The held-out questions of `split` ("dev" or "test")."""
+    if split not in ("dev", "test"):
+      raise ValueError(f"split must be dev or test, got {split!r}")
+    return self.dev if split == "dev" else self.test
+
+
+def split_questions(items: Sequence[T], n_heldout: int, n_train: int, seed: int,
+                    heldout_seed: int = 0, n_spare: int | None = None) -> QuestionSplit:
+  """dev and test (`n_heldout` each), train (`n_train`), spare (up to `n_spare`; None: all).
+
+  dev and test are the first two runs of `n_heldout` in the permutation seeded by
+  `heldout_seed` (dev is `split_items(items, 0, n_heldout, heldout_seed)[1]`); train and
+  spare are the first `n_train` and the next `n_spare` of the rest, in a permutation seeded
+  by `seed`. Each part grows by inclusion with its size.
+  """
+  if n_heldout < 0 or n_train < 0 or (n_spare is not None and n_spare < 0):
+    raise ValueError(f"split_questions: n_heldout={n_heldout}, n_train={n_train} and "
+                     f"n_spare={n_spare} must be >= 0")
+  if 2 * n_heldout + n_train > len(items):
+    raise ValueError(f"split_questions: 2 x n_heldout={n_heldout} (dev and test) + n_train={n_train}"
+                     f" = {2 * n_heldout + n_train} exceeds the {len(items)} items")
+  dev, test, rest = partition(items, [n_heldout, n_heldout], heldout_seed)
+  n_spare = len(rest) - n_train if n_spare is None else min(n_spare, len(rest) - n_train)
+  train, spare, _ = partition(rest, [n_train, n_spare], seed, _TRAIN_STREAM)
+  return QuestionSplit(dev, test, train, spare)

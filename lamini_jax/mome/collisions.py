@@ -126,10 +126,58 @@ def collision_summary(report: CollisionReport) -> dict[str, Any]:
           "max_facts_per_expert": int(len(report.facts_per_expert_hist) - 1)}
 
 
+def exclusive_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, n: int) -> np.ndarray:
+  """bool [P, K]: n slots of each position (row) whose experts no other position writes, where it can.
+
+  Positions in order each take n of their slots with distinct experts: first those whose
+  expert no earlier position took, else the ones taken by the fewest; among those, the
+  experts the fewest positions select at all (an expert another position selects fires
+  there too when its input is near, as keyed inputs of one place in an answer are);
+  then the best-weighted. Host-side, one pass.
+  """
+  idx_PxK = np.asarray(idx_PxK)
+  if idx_PxK.shape != np.shape(w_PxK) or n < 1:
+    raise ValueError(f"exclusive_slots: idx {idx_PxK.shape} and weights {np.shape(w_PxK)} must match,"
+                     f" n={n} >= 1")
+  best_PxK = np.argsort(-np.asarray(w_PxK, np.float64), axis=1, kind="stable")
+  sorted_PxK = np.sort(idx_PxK, axis=1)
+  once_PxK = np.ones(idx_PxK.shape, bool)
+  once_PxK[:, 1:] = sorted_PxK[:, 1:] != sorted_PxK[:, :-1]
+  size = int(idx_PxK.max(initial=-1)) + 1
+  demand_E = np.bincount(sorted_PxK[once_PxK], minlength=size)  # positions selecting each expert
+  taken_E = np.zeros(size, np.int64)  # positions writing each expert so far
+  chosen_PxK = np.zeros(idx_PxK.shape, bool)
+  for p in range(idx_PxK.shape[0]):
+    experts = idx_PxK[p, best_PxK[p]]
+    _, first = np.unique(experts, return_index=True)  # one slot per distinct expert
+    slots = best_PxK[p, np.sort(first)]
+    e = idx_PxK[p, slots]
+    pick = slots[np.lexsort((demand_E[e], taken_E[e]))[:n]]  # stable: ties keep the weight order
+    chosen_PxK[p, pick] = True
+    taken_E[idx_PxK[p, pick]] += 1
+  return chosen_PxK
+
+
+def written_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, train_slots: int | None,
+                  choice: str = "first") -> np.ndarray:
+  """bool [P, K]: the slots whose experts phase 2 writes (`MomeTuningConfig.train_slot_choice`)."""
+  if choice == "exclusive":
+    return exclusive_slots(idx_PxK, w_PxK, train_slots or idx_PxK.shape[1])
+  if choice != "first":
+    raise ValueError(f"written_slots: choice={choice!r} is not 'first' or 'exclusive'")
+  k = np.shape(idx_PxK)[1]
+  return np.broadcast_to(np.arange(k) < (train_slots or k), np.shape(idx_PxK))
+
+
 def fact_collisions(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
                     inputs: tuple[dict[str, np.ndarray], np.ndarray] | None = None,
-                    ) -> dict[str, dict[str, Any]]:
+                    train_slots: int | None = None, slot_choice: str = "first") -> dict[str, dict[str, Any]]:
   """`collision_report` of each MoME layer over the facts' answer tokens.
+
+  `train_slots`, `slot_choice`: only the experts of the slots phase 2 writes count
+  (`written_slots`); "rows_per_fact" is the mean number of rows a fact writes,
+  "rows_written" the rows written in all and "rows_shared" those written at two or
+  more answer positions (of one fact or of several).
 
   Two facts collide when some expert is selected by an answer token of each.
   Layers after the first see the output of the earlier MoME layers, so this is
@@ -140,10 +188,16 @@ def fact_collisions(model: Transformer, variables: Any, encoded: Sequence[encodi
   out = {}
   for path in layer_paths(model):
     name = layer_key(path)
-    idx, _ = route_jit(tree_get(variables[ROUTER], path), jnp.asarray(x[name]), model.mome,
+    idx, w = route_jit(tree_get(variables[ROUTER], path), jnp.asarray(x[name]), model.mome,
                        tree_get(variables[BALANCE], path))
-    out[name] = collision_summary(collision_report(
-        fact_experts(np.asarray(idx), fact_P, len(encoded))))
+    idx = np.asarray(idx)
+    written_PxK = written_slots(idx, np.asarray(w), train_slots, slot_choice)
+    per_fact = [e[e >= 0] for e in fact_experts(np.where(written_PxK, idx, -1), fact_P, len(encoded))]
+    pos_P = np.broadcast_to(np.arange(len(idx))[:, None], idx.shape)[written_PxK]
+    _, writers = np.unique(np.unique(np.stack([idx[written_PxK], pos_P]), axis=1)[0], return_counts=True)
+    out[name] = {**collision_summary(collision_report(per_fact)),
+                 "rows_per_fact": float(np.mean([len(e) for e in per_fact])),
+                 "rows_written": int(writers.size), "rows_shared": int(np.sum(writers >= 2))}
   return out
 
 

@@ -176,6 +176,7 @@ class AnchorConfig:
 
 
 TRAIN_POSITIONS = ("answer", "all")
+TRAIN_SLOT_CHOICES = ("first", "exclusive")
 
 
 _DEFAULT_TRAIN = train_lib.TrainConfig(
@@ -209,6 +210,17 @@ class MomeTuningConfig:
   the facts' answer positions are keyed to them (`key_rows`), so that an
   expert fires only on inputs that project onto its facts' mean input at
   least `key_match` of its length; other text that selects it leaves it silent.
+  `train_slots` (None: all K): how many of the K experts selected at an
+  answer position are written (keyed and trained): the first `train_slots`
+  slots, i.e. head 0's best experts first. The others keep up = 0 (and, keyed,
+  down = 0), so they add nothing; a fact then costs the table about
+  train_slots rows per answer token instead of K.
+  `train_slot_choice`: which `train_slots` slots: "first" (head 0's best first) or
+  "exclusive" (chosen once before phase 2, `collisions.exclusive_slots`: answer
+  positions in order each take slots whose expert no earlier position writes, else
+  the least-written, preferring experts no other position selects, then the
+  best-weighted; so no two positions, of one fact or of two, write one expert
+  while another is free). One MoME layer only.
   """
 
   layers: tuple[int, ...] = (3, 4)
@@ -220,6 +232,8 @@ class MomeTuningConfig:
   margin: float = 1.0
   recall_every: int = 2
   train_positions: str = "answer"
+  train_slots: int | None = None
+  train_slot_choice: str = "first"
   kernel: str = "auto"
   seed: int = 0
   generalization: GeneralizationConfig = GeneralizationConfig()
@@ -240,6 +254,19 @@ class MomeTuningConfig:
     if self.train_positions not in TRAIN_POSITIONS:
       raise ValueError(f"mome.train_positions must be one of {list(TRAIN_POSITIONS)}, got"
                        f" {self.train_positions!r}")
+    if self.train_slots is not None and not 1 <= self.train_slots <= self.layer.slots:
+      raise ValueError(f"mome.train_slots={self.train_slots} must be in 1..{self.layer.slots} (the"
+                       " layer's num_heads * top_k slots), or null for all")
+    if self.train_slots is not None and self.train_positions != "answer":
+      raise ValueError("mome.train_slots needs mome.train_positions='answer' (it picks slots of the"
+                       f" answer positions), got {self.train_positions!r}")
+    if self.train_slot_choice not in TRAIN_SLOT_CHOICES:
+      raise ValueError(f"mome.train_slot_choice must be one of {list(TRAIN_SLOT_CHOICES)}, got"
+                       f" {self.train_slot_choice!r}")
+    if self.train_slot_choice != "first" and (self.train_slots is None or len(self.layers) != 1):
+      raise ValueError(f"mome.train_slot_choice={self.train_slot_choice!r} needs mome.train_slots set"
+                       f" (got {self.train_slots}) and one MoME layer (got mome.layers="
+                       f"{list(self.layers)}): the slots are chosen on the first layer's routes")
     if self.key_match and not (0 < self.key_match < 1 and self.layer.threshold > 0):
       raise ValueError(f"mome.key_match={self.key_match} must be in (0, 1) with mome.layer.threshold > 0"
                        f" (got threshold={self.layer.threshold}); 0 turns keying off")

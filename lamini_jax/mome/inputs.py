@@ -18,7 +18,8 @@ import numpy as np
 from lamini_jax.data import batches as batch_lib
 from lamini_jax.data import encoding
 from lamini_jax.model import Transformer
-from lamini_jax.mome.layer import MomeLayer
+from lamini_jax.mome.layer import BALANCE, ROUTER, MomeLayer
+from lamini_jax.mome.router import route_jit
 
 
 def layer_paths(model: Transformer) -> list[tuple[str, ...]]:
@@ -74,6 +75,17 @@ def answer_positions(encoded: Sequence[encoding.EncodedFact]) -> tuple[np.ndarra
   return tokens, pred
 
 
+def fact_slots(encoded: Sequence[encoding.EncodedFact], slots_PxK: np.ndarray) -> np.ndarray:
+  """bool [F, T, K]: per-position slots `slots_PxK` (rows in `fact_inputs` order) put at
+  their facts' answer positions; False elsewhere (T as in `answer_positions`)."""
+  _, pred_FxT = answer_positions(encoded)
+  if len(slots_PxK) != pred_FxT.sum():
+    raise ValueError(f"fact_slots: {len(slots_PxK)} rows of slots for {pred_FxT.sum()} answer positions")
+  out_FxTxK = np.zeros(pred_FxT.shape + (np.shape(slots_PxK)[1],), bool)
+  out_FxTxK[pred_FxT] = slots_PxK
+  return out_FxTxK
+
+
 def fact_inputs(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
                 batch_size: int = 32) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Each MoME layer's input at the facts' answer positions [P, D], and their fact index [P]."""
@@ -86,3 +98,28 @@ def fact_inputs(model: Transformer, variables: Any, encoded: Sequence[encoding.E
     for name, x_BxTxD in x.items():
       chunks.setdefault(name, []).append(np.asarray(x_BxTxD)[:n][pred[start:start + n]])
   return {name: np.concatenate(c) for name, c in chunks.items()}, np.nonzero(pred)[0]
+
+
+def token_routes(model: Transformer, variables: Any, tokens_NxT: np.ndarray,
+                 batch_size: int = 32) -> np.ndarray:
+  """int32 [N, T, K]: the experts the first MoME layer selects at every position of `tokens_NxT`.
+
+  In phase 2 the backbone and router are frozen and no MoME layer sits below the
+  first, so its input, and the experts it selects, are a fixed function of the
+  tokens: the step takes them from here (layer collection "mome_route") instead of
+  scoring sqrt(E) sub-keys per head and token on every step. Rows are computed
+  independently (causal attention), so a row's routes do not depend on the
+  padding after it or on the other rows of its chunk.
+  """
+  path = layer_paths(model)[0]
+  name = layer_key(path)
+  router, balance = tree_get(variables[ROUTER], path), tree_get(variables[BALANCE], path)
+  n, t = tokens_NxT.shape
+  out = np.zeros((n, t, model.mome.slots), np.int32)
+  for start in range(0, n, batch_size):
+    block = tokens_NxT[start:start + batch_size]
+    rows = len(block)
+    x_BxTxD = _layer_inputs(model, variables, jnp.asarray(np.pad(block, ((0, batch_size - rows), (0, 0)))))[name]
+    idx_TxK, _ = route_jit(router, x_BxTxD.reshape(-1, x_BxTxD.shape[-1]), model.mome, balance)
+    out[start:start + rows] = np.asarray(idx_TxK).reshape(batch_size, t, -1)[:rows]
+  return out

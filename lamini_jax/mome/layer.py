@@ -17,13 +17,17 @@ Flax variable collections:
                   gradient of the gathered unique rows.
   "mome_uniq"     (output, mutable) the layer's uniq row indices for that step.
   "mome_focus"    (input, optional, with "mome_delta") "mask", bool with the
-                  input's leading shape: the positions whose experts train. The
+                  input's leading shape: the positions whose experts train (or that
+                  shape + (K,): the slots whose experts train). The
                   delta rows are then the unique experts of those positions only,
                   so an expert selected only elsewhere is not updated; other
                   positions use a delta row where they select a trained expert and
                   the table elsewhere, so a trained row gets its full gradient.
   "mome_out"      (output, mutable) "y": the layer's output [..., D], for penalties
                   on it (`anchors.anchor_penalty`).
+  "mome_route"    (input, optional) "experts", int32 [..., K]: the experts this layer's
+                  router selects for the input, computed once beforehand
+                  (`inputs.fact_routes`); the layer then computes only their weights.
 A sparse step over a model therefore is:
 
   def loss_of(deltas):
@@ -54,7 +58,7 @@ from lamini_jax_kernels.gather_apply import GatherApplyFn
 ROUTER, BALANCE, TABLE, DELTA, UNIQ = "mome_router", "mome_balance", "mome", "mome_delta", "mome_uniq"
 
 
-FOCUS, OUT = "mome_focus", "mome_out"
+FOCUS, OUT, ROUTE = "mome_focus", "mome_out", "mome_route"
 
 
 class MomeLayer(nn.Module):
@@ -86,7 +90,14 @@ class MomeLayer(nn.Module):
     balance = self._vars(BALANCE, BALANCE_AXES, lambda name, c: lambda key: zero_balance(c)[name])
     table = self._vars(TABLE, TABLE_AXES, table_param_init)
     x_TxD = x_XxD.reshape(-1, cfg.embed_dim)
-    idx_TxK, w_TxK = route(router, x_TxD, cfg, balance)
+    experts_TxK = None
+    if self.has_variable(ROUTE, "experts"):
+      experts = self.get_variable(ROUTE, "experts")
+      if experts.shape != x_XxD.shape[:-1] + (cfg.slots,):
+        raise ValueError(f"MomeLayer: mome_route experts have shape {experts.shape}, need the input's"
+                         f" leading shape + (slots,) = {x_XxD.shape[:-1] + (cfg.slots,)}")
+      experts_TxK = experts.reshape(-1, cfg.slots)
+    idx_TxK, w_TxK = route(router, x_TxD, cfg, balance, experts_TxK)
     if not any(self.has_variable(DELTA, name) for name in TABLE_AXES):
       y_XxD = apply_experts(x_TxD, idx_TxK, w_TxK, table, cfg, self.gather_apply,
                             self.mesh).reshape(x_XxD.shape)
@@ -95,24 +106,25 @@ class MomeLayer(nn.Module):
     delta = {name: self.get_variable(DELTA, name) for name in TABLE_AXES
              if self.has_variable(DELTA, name)}  # the trained leaves (`up` alone for keyed experts)
     num_rows = next(iter(delta.values())).shape[0]
-    focus_T = None
+    focus_TxK = None
     if self.has_variable(FOCUS, "mask"):
       focus = self.get_variable(FOCUS, "mask")
-      if focus.shape != x_XxD.shape[:-1]:
+      lead = x_XxD.shape[:-1]
+      if focus.shape not in (lead, lead + (cfg.slots,)):
         raise ValueError(f"MomeLayer: mome_focus mask has shape {focus.shape}, need the input's"
-                         f" leading shape {x_XxD.shape[:-1]}")
-      focus_T = focus.reshape(-1)
+                         f" leading shape {lead} (positions) or {lead + (cfg.slots,)} (slots)")
+      focus_TxK = jnp.broadcast_to(focus.reshape(x_TxD.shape[0], -1), idx_TxK.shape)
     elif num_rows != x_TxD.shape[0] * cfg.slots:
       raise ValueError(
           f"MomeLayer: mome_delta has {num_rows} rows, need tokens * slots ="
           f" {x_TxD.shape[0]} * {cfg.slots} = {x_TxD.shape[0] * cfg.slots} (see zero_deltas)")
     table = jax.lax.stop_gradient(table)
-    trained_TxK = idx_TxK if focus_T is None else jnp.where(focus_T[:, None], idx_TxK, cfg.num_experts)
+    trained_TxK = idx_TxK if focus_TxK is None else jnp.where(focus_TxK, idx_TxK, cfg.num_experts)
     uniq_U, inv_TxK = unique_rows(trained_TxK, cfg.num_experts, num_rows)
     rows = gather_rows(table, uniq_U, self.mesh)
     rows = {**rows, **{name: rows[name] + d for name, d in delta.items()}}
     self.sow(UNIQ, "uniq", uniq_U, init_fn=lambda: None, reduce_fn=lambda _, new: new)
-    if focus_T is None:
+    if focus_TxK is None:
       y_TxD = apply_experts(x_TxD, inv_TxK, w_TxK, rows, cfg, self.gather_apply)
     else:
       # Every slot whose expert is a trained row uses that row (so the gradient

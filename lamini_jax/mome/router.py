@@ -178,8 +178,13 @@ def route(
     x_TxD: jax.Array,
     cfg: MomeConfig,
     balance: dict[str, jax.Array] | None = None,
+    experts_TxK: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Selects K = H * top_k experts per token; returns (idx_TxK, w_TxK).
+
+  `experts_TxK`: the selection, already made (`inputs.fact_routes`: in phase 2
+  the first MoME layer's input, so its selection, is fixed per fact); only the
+  weights are computed then. It must be what this router selects for `x_TxD`.
 
   Slot h * top_k + s is head h's s-th expert. Weights are a softmax over each
   head's selected scores (so they sum to H per token). The balance bias, if
@@ -196,8 +201,14 @@ def route(
   q1_AxTxC, q2_AxTxC = q_AxTxQ[..., :half], q_AxTxQ[..., half:]
   keys1_AxIxC, keys2_AxJxC = router["keys1"], router["keys2"]
   sg = jax.lax.stop_gradient
-  e_AxTxM = select_experts(sg(q_AxTxQ), sg(keys1_AxIxC), sg(keys2_AxJxC), cfg.top_k,
-                           None if balance is None else sg(balance))
+  if experts_TxK is None:
+    e_AxTxM = select_experts(sg(q_AxTxQ), sg(keys1_AxIxC), sg(keys2_AxJxC), cfg.top_k,
+                             None if balance is None else sg(balance))
+  else:
+    if experts_TxK.shape != (x_TxD.shape[0], cfg.slots):
+      raise ValueError(f"route: experts_TxK has shape {experts_TxK.shape}, need (tokens, slots) ="
+                       f" {(x_TxD.shape[0], cfg.slots)}")
+    e_AxTxM = einops.rearrange(experts_TxK, "t (a m) -> a t m", a=cfg.num_heads)
   n2 = keys2_AxJxC.shape[1]
   # The selected sub-keys, [H, T, S, C]: one gather per head.
   pick = jax.vmap(lambda keys_IxC, sub_TxM: keys_IxC[sub_TxM])

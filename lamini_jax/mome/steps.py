@@ -24,7 +24,7 @@ from lamini_jax.model import Transformer
 from lamini_jax.mome.anchors import ANCHOR, anchor_penalty
 from lamini_jax.mome.config import AnchorConfig, MomeTuningConfig
 from lamini_jax.mome.inputs import layer_paths, tree_set
-from lamini_jax.mome.layer import DELTA, FOCUS, OUT, ROUTER, TABLE, UNIQ
+from lamini_jax.mome.layer import DELTA, FOCUS, OUT, ROUTE, ROUTER, TABLE, UNIQ
 from lamini_jax.mome.sparse_optim import (LEAVES, dense_step, map_layers, sparse_step_layers,
                                           trained_leaves, zero_deltas)
 from lamini_jax import train as train_lib
@@ -76,12 +76,25 @@ def focus_positions(mask_BxT: jax.Array) -> jax.Array:
   return jnp.pad(mask_BxT[:, 1:] > 0, ((0, 0), (0, 1)))
 
 
-def _focus(model: Transformer, mask_BxT: jax.Array) -> dict[str, Any]:
+def _focus(model: Transformer, mask_BxT: jax.Array, train_slots: int | None) -> dict[str, Any]:
   focus = focus_positions(mask_BxT)
+  if train_slots is not None:  # [B, T, K]: the first train_slots slots of each focus position
+    focus = focus[..., None] & (jnp.arange(model.mome.slots) < train_slots)
+  return _focus_slots(model, focus)
+
+
+def _focus_slots(model: Transformer, focus: jax.Array) -> dict[str, Any]:
+  """The "mome_focus" collection: `focus` ([B, T] positions or [B, T, K] slots) at every MoME layer."""
   tree: dict[str, Any] = {}
   for path in layer_paths(model):
     tree = tree_set(tree, path, {"mask": focus})
   return {FOCUS: tree}
+
+
+def _first_layer_route(model: Transformer, experts_BxTxK: jax.Array | None) -> dict[str, Any]:
+  if experts_BxTxK is None:
+    return {}
+  return {ROUTE: tree_set({}, layer_paths(model)[0], {"experts": experts_BxTxK})}
 
 
 def focus_rows(encoded: Sequence[encoding.EncodedFact], batch_size: int, spec: MomeTuningConfig) -> int:
@@ -93,7 +106,7 @@ def focus_rows(encoded: Sequence[encoding.EncodedFact], batch_size: int, spec: M
   """
   most = max(int(np.count_nonzero(e.loss_mask[1:])) for e in encoded)
   cfg = spec.layer_config(2)
-  return min(batch_size * most * cfg.slots, cfg.num_experts) + 1
+  return min(batch_size * most * (spec.train_slots or cfg.slots), cfg.num_experts) + 1
 
 
 def _pad_to(a_BxT: jax.Array, width: int, value) -> jax.Array:
@@ -120,8 +133,12 @@ def _sparse_rows_step(loss_of: Callable, tables: Any, row_state: Any, num_rows: 
 def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
                      mesh: Mesh | None = None, margin: float = 0.0,
                      train_positions: str = "answer", rows: int | None = None,
-                     anchor: AnchorConfig | None = None, train_down: bool = True) -> Callable:
+                     anchor: AnchorConfig | None = None, train_down: bool = True,
+                     train_slots: int | None = None) -> Callable:
   """Phase 2, jitted with the state donated: sparse row updates of the expert tables.
+
+  `train_slots` (with `train_positions="answer"`): only the first that many of
+  the K slots of an answer position train (`MomeTuningConfig.train_slots`).
 
   `train_down=False` trains `up` only (the down rows of keyed experts are their keys):
   `down` then has neither deltas nor optimizer state, and passes through the
@@ -140,42 +157,78 @@ def make_tuning_step(model: Transformer, tx: optax.GradientTransformation,
   tokens and mask [A, L]); step s adds anchors s * G .. s * G + G - 1 (mod A) as
   extra rows and `anchor.weight * anchor_penalty` to the objective. The
   reported loss stays the facts' token NLL.
+
+  `step(state, frozen, tokens, mask, experts=None, focus=None)`: `experts` [B, T, K] are the
+  first MoME layer's selections for the batch (`inputs.token_routes`; fixed in phase
+  2), so the step does not route that layer; the anchor pool then holds its
+  own, "experts" [A, L, K]. Without them every layer routes on every step, at a
+  cost that grows with sqrt(E).
+
+  `focus` (bool [B, T, K], with `train_positions="answer"`): the slots whose experts
+  train, in place of every slot of the answer positions (the first `train_slots`);
+  editing a stored memory (`mome.edit`) trains only some rows this way. Anchor rows
+  have no focus slots.
   """
   slots = model.mome.slots
   leaves = trained_leaves(train_down)
   focused = train_positions == "answer"
+  if train_slots is not None and not (focused and 1 <= train_slots <= slots):
+    raise ValueError(f"make_tuning_step: train_slots={train_slots} needs train_positions='answer'"
+                     f" and 1..{slots}")
+  written = train_slots or slots  # rows written per answer position
   anchored = anchor is not None and anchor.weight > 0
 
-  def loss_fn(deltas, tables, frozen, tokens_BxT, mask_BxT, anchor_mask_BxT):
+  def loss_fn(deltas, tables, frozen, tokens_BxT, mask_BxT, anchor_mask_BxT, experts_BxTxK,
+              focus_BxTxK=None):
     # Rows past the first b are anchors (mask 0: no loss, no answer positions).
     b = tokens_BxT.shape[0] - (0 if anchor_mask_BxT is None else anchor_mask_BxT.shape[0])
-    focus = _focus(model, mask_BxT) if focused else {}
-    (logits, _), aux = model.apply({**frozen, **focus, TABLE: tables, DELTA: deltas},
-                                   tokens_BxT, mutable=[UNIQ, OUT])
+    focus = _focus(model, mask_BxT, train_slots) if focused else {}
+    if focus_BxTxK is not None:
+      focus = _focus_slots(model, focus_BxTxK)
+    (logits, _), aux = model.apply({**frozen, **focus, **_first_layer_route(model, experts_BxTxK),
+                                    TABLE: tables, DELTA: deltas}, tokens_BxT, mutable=[UNIQ, OUT])
     objective, nll = _objective(model, frozen, logits[:b], tokens_BxT[:b], mask_BxT[:b], margin)
     if anchor_mask_BxT is not None:
       objective = objective + anchor.weight * anchor_penalty(aux[OUT], anchor_mask_BxT)
     return objective, (nll, aux[UNIQ])
 
-  def step(state: train_lib.TrainState, frozen, tokens_BxT, mask_BxT):
-    anchor_mask_BxT, all_tokens, all_mask = None, tokens_BxT, mask_BxT
+  def step(state: train_lib.TrainState, frozen, tokens_BxT, mask_BxT, experts_BxTxK=None,
+           focus_BxTxK=None):
+    if focus_BxTxK is not None and not focused:
+      raise ValueError("make_tuning_step: a focus mask needs train_positions='answer'")
+    anchor_mask_BxT, all_tokens, all_mask, all_experts = None, tokens_BxT, mask_BxT, experts_BxTxK
+    all_focus = focus_BxTxK
     if anchored:
       frozen = dict(frozen)
       pool = frozen.pop(ANCHOR)
+      if experts_BxTxK is not None and "experts" not in pool:
+        raise ValueError("make_tuning_step: the batch has first-layer experts but the anchor pool"
+                         " has none (anchor \"experts\" from inputs.token_routes)")
       pick_B = (state.step * anchor.batch_size + jnp.arange(anchor.batch_size)) % pool["tokens"].shape[0]
       a_tokens_BxT, anchor_mask_BxT = pool["tokens"][pick_B], pool["mask"][pick_B]
       width = max(tokens_BxT.shape[1], a_tokens_BxT.shape[1])
       all_tokens = jnp.concatenate([_pad_to(tokens_BxT, width, 0), _pad_to(a_tokens_BxT, width, 0)])
       all_mask = jnp.concatenate([_pad_to(mask_BxT, width, 0),
                                   jnp.zeros((anchor.batch_size, width), mask_BxT.dtype)])
+      if experts_BxTxK is not None:
+        # Padding positions come after every real token: their outputs reach no loss.
+        pad = lambda e_BxTxK: jnp.pad(e_BxTxK, ((0, 0), (0, width - e_BxTxK.shape[1]), (0, 0)))
+        all_experts = jnp.concatenate([pad(experts_BxTxK), pad(pool["experts"][pick_B])])
+      if focus_BxTxK is not None:
+        all_focus = jnp.concatenate([
+            jnp.pad(focus_BxTxK, ((0, 0), (0, width - focus_BxTxK.shape[1]), (0, 0))),
+            jnp.zeros((anchor.batch_size, width, slots), bool)])
     num_rows = all_tokens.size * slots if rows is None or not focused else rows
     loss_of = lambda deltas, _: loss_fn(deltas, state.trainable, frozen, all_tokens, all_mask,
-                                        anchor_mask_BxT)
+                                        anchor_mask_BxT, all_experts, all_focus)
     tables, opt_state, (loss, row_sum, row_count), _ = _sparse_rows_step(
         loss_of, state.trainable, state.opt_state, num_rows, leaves, tx, mesh)
     new_state = state.replace(step=state.step + 1, trainable=tables, opt_state=opt_state)
     if focused:
-      needed = jnp.minimum(jnp.sum(focus_positions(mask_BxT)) * slots, model.mome.num_experts) + 1
+      if focus_BxTxK is None:
+        needed = jnp.minimum(jnp.sum(focus_positions(mask_BxT)) * written, model.mome.num_experts) + 1
+      else:
+        needed = jnp.minimum(jnp.sum(focus_BxTxK), model.mome.num_experts) + 1
       overflow = needed > num_rows
       loss, row_sum = (jnp.where(overflow, jnp.nan, a) for a in (loss, row_sum))
     return new_state, _metrics(loss, row_sum, row_count)

@@ -77,7 +77,7 @@ def apply_experts(
 
 
 def key_rows(table: Table, idx_PxK: np.ndarray, x_PxD: np.ndarray, cfg: MomeConfig,
-             match: float) -> Table:
+             match: float, only: np.ndarray | None = None) -> Table:
   """The table with every expert selected in idx_PxK keyed to the inputs that select it.
 
   Expert e, selected at positions P_e, gets down[e, :, r] = a * m / |m|^2 for
@@ -87,6 +87,9 @@ def key_rows(table: Table, idx_PxK: np.ndarray, x_PxD: np.ndarray, cfg: MomeConf
   at x = m) only where x projects onto m at least `match` of m's length, and is
   exactly silent on other inputs that select it. Other rows are unchanged.
   A one-time set-up step (host aggregation and one scatter), not a training step.
+
+  `only`: key only these experts (each to the mean over the slots that select it);
+  every other row, selected or not, keeps its value bit for bit (`mome.edit`).
   """
   if cfg.threshold <= 0:
     raise ValueError(f"key_rows: needs MomeConfig.threshold > 0, got {cfg.threshold}")
@@ -95,10 +98,17 @@ def key_rows(table: Table, idx_PxK: np.ndarray, x_PxD: np.ndarray, cfg: MomeConf
   idx_PxK, x_PxD = np.asarray(idx_PxK), np.asarray(x_PxD, np.float64)
   if idx_PxK.shape[0] != x_PxD.shape[0]:
     raise ValueError(f"key_rows: {idx_PxK.shape[0]} positions of experts, {x_PxD.shape[0]} inputs")
-  uniq_U, inv = np.unique(idx_PxK.ravel(), return_inverse=True)
+  flat = idx_PxK.ravel()
+  pos = np.arange(flat.size) // max(idx_PxK.shape[1], 1)  # the position of each slot
+  if only is not None:
+    kept = np.isin(flat, np.asarray(only))
+    flat, pos = flat[kept], pos[kept]
+    if not flat.size:
+      return table
+  uniq_U, inv = np.unique(flat, return_inverse=True)
   order = np.argsort(inv, kind="stable")  # slots grouped by expert, for one reduceat
   starts = np.searchsorted(inv[order], np.arange(len(uniq_U)))
-  sums_UxD = np.add.reduceat(x_PxD[order // idx_PxK.shape[1]], starts, axis=0)
+  sums_UxD = np.add.reduceat(x_PxD[pos[order]], starts, axis=0)
   mean_UxD = sums_UxD / np.diff(np.append(starts, len(order)))[:, None]
   norm2_U = np.maximum(np.sum(mean_UxD**2, axis=1, keepdims=True), 1e-30)
   key_UxD = (cfg.threshold / match) * mean_UxD / norm2_U

@@ -31,13 +31,16 @@ import optax
 
 from lamini_jax.checkpoint import Checkpointer
 from lamini_jax.config import ModelConfig
+from lamini_jax.data import batches as batch_lib
 from lamini_jax.data import encoding
 from lamini_jax.model import Transformer
 from lamini_jax.mome.anchors import ANCHOR
-from lamini_jax.mome.collisions import adds_zero, balance_facts, fact_collisions
+from lamini_jax.mome.collisions import adds_zero, balance_facts, fact_collisions, written_slots
 from lamini_jax.mome.config import MomeTuningConfig
-from lamini_jax.mome.inputs import fact_inputs, layer_key, layer_paths, tree_get, tree_set
+from lamini_jax.mome.inputs import (fact_inputs, fact_slots, layer_key, layer_paths, token_routes, tree_get,
+                                    tree_set)
 from lamini_jax.mome.layer import BALANCE, ROUTER, TABLE
+from lamini_jax.mome import registry
 from lamini_jax.mome.router import route_jit, zero_balance
 from lamini_jax.mome.sparse_optim import LEAVES, init_row_state, map_layers, trained_leaves
 from lamini_jax.mome.steps import focus_rows, make_generalization_step, make_tuning_step
@@ -109,16 +112,19 @@ def _replicate(tree: Any, mesh: Mesh | None) -> Any:
   return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def _state(trainable: Any, opt_state: Any, seed: int) -> train_lib.TrainState:
-  return train_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt_state,
-                              rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+def _state(trainable: Any, opt_state: Any, seed: int, mesh: Mesh | None) -> train_lib.TrainState:
+  # step and rng replicated on the mesh like the rest: the step's outputs are, so a loose
+  # step count would compile the step a second time for its own outputs.
+  step, rng = _replicate((jnp.zeros((), jnp.int32),
+                          jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))), mesh)
+  return train_lib.TrainState(step=step, trainable=trainable, opt_state=opt_state, rng=rng)
 
 
 def tuning_state(tables: Any, tx: optax.GradientTransformation, seed: int,
                  mesh: Mesh | None = None, leaves: tuple[str, ...] = LEAVES) -> train_lib.TrainState:
   """Phase-2 train state: a copy of the tables (the state is donated) and fresh row state of `leaves`."""
   tables = jax.tree.map(jnp.copy, tables)
-  return _state(tables, init_row_state(tables, tx, mesh, leaves), seed)
+  return _state(tables, init_row_state(tables, tx, mesh, leaves), seed, mesh)
 
 
 def windows_as_facts(windows_WxT: np.ndarray) -> list[encoding.EncodedFact]:
@@ -160,7 +166,7 @@ def generalize(model: Transformer, params: Any, spec: MomeTuningConfig, windows_
   router_tx, row_tx = g.router_optimizer.build(), g.expert_optimizer.build()
   trainable = {"router": result[ROUTER], "table": jax.tree.map(jnp.copy, result[TABLE])}
   state = _state(trainable, {"router": router_tx.init(trainable["router"]),
-                             "table": init_row_state(trainable["table"], row_tx, mesh)}, spec.seed)
+                             "table": init_row_state(trainable["table"], row_tx, mesh)}, spec.seed, mesh)
   frozen = _replicate({"params": params, BALANCE: fresh[BALANCE]}, mesh)
   train_cfg = train_lib.TrainConfig(
       epochs=g.epochs, batch_size=g.batch_size, seq_len=windows_WxT.shape[1], seed=spec.seed,
@@ -176,8 +182,13 @@ def generalize(model: Transformer, params: Any, spec: MomeTuningConfig, windows_
 
 
 def key_experts(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
-                match: float, inputs: tuple[dict[str, np.ndarray], np.ndarray] | None = None) -> Any:
+                match: float, inputs: tuple[dict[str, np.ndarray], np.ndarray] | None = None,
+                train_slots: int | None = None, slot_choice: str = "first") -> Any:
   """The "mome" collection with each layer's answer-position experts keyed (`key_rows`).
+
+  `train_slots`, `slot_choice`: only the experts of the slots phase 2 writes are keyed,
+  each to the positions that write it (`collisions.written_slots`;
+  `MomeTuningConfig.train_slots` and `train_slot_choice`).
 
   Layer by layer in order, each keyed to its inputs at the start of phase 2
   given the keys of the earlier layers (recomputed unless every layer adds 0,
@@ -191,11 +202,26 @@ def key_experts(model: Transformer, variables: Any, encoded: Sequence[encoding.E
     if x is None or not fixed:
       x, _ = fact_inputs(model, {**variables, TABLE: tables}, encoded)
     name = layer_key(path)
-    idx, _ = route_jit(tree_get(variables[ROUTER], path), jnp.asarray(x[name]), model.mome,
+    idx, w = route_jit(tree_get(variables[ROUTER], path), jnp.asarray(x[name]), model.mome,
                        tree_get(variables[BALANCE], path))
-    tables = tree_set(tables, path, key_rows(tree_get(tables, path), np.asarray(idx), x[name],
-                                             model.mome, match))
+    idx = np.asarray(idx)
+    written_PxK = written_slots(idx, np.asarray(w), train_slots, slot_choice)
+    tables = tree_set(tables, path, key_rows(tree_get(tables, path), np.where(written_PxK, idx, -1),
+                                             x[name], model.mome, match, only=np.unique(idx[written_PxK])))
   return tables
+
+
+def exclusive_focus(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
+                    spec: MomeTuningConfig, inputs: tuple[dict[str, np.ndarray], np.ndarray] | None = None
+                    ) -> np.ndarray:
+  """bool [F, T, K]: the slots of the first MoME layer that phase 2 trains at each fact's
+  answer positions, as `spec.train_slot_choice` chooses them (`fact_slots`)."""
+  path = layer_paths(model)[0]
+  x = (inputs if inputs is not None else fact_inputs(model, variables, encoded))[0][layer_key(path)]
+  idx, w = route_jit(tree_get(variables[ROUTER], path), jnp.asarray(x), model.mome,
+                     tree_get(variables[BALANCE], path))
+  return fact_slots(encoded, written_slots(np.asarray(idx), np.asarray(w), spec.train_slots,
+                                           spec.train_slot_choice))
 
 
 @dataclasses.dataclass
@@ -204,7 +230,8 @@ class Prepared:
 
   `frozen` holds "params", "mome_router" and "mome_balance"; `table` is the
   starting "mome" collection; `collisions` maps "unbalanced" (and, with
-  balance, "balanced") to each layer's collision figures.
+  balance, "balanced") to each layer's collision figures. `focus_FxTxK`: with
+  `mome.train_slot_choice` "exclusive", the slots phase 2 trains (`exclusive_focus`).
   """
 
   model: Transformer
@@ -213,6 +240,7 @@ class Prepared:
   collisions: dict[str, Any]
   generalization_seconds: float
   seconds: float  # all of `prepare`, phase 1 included
+  focus_FxTxK: np.ndarray | None = None
 
   def variables(self, table: Any) -> dict[str, Any]:
     return {**self.frozen, TABLE: table}
@@ -245,6 +273,8 @@ def prepare(cfg: ModelConfig, params: Any, encoded: Sequence[encoding.EncodedFac
                BALANCE: _replicate(zero_bias, mesh), TABLE: general[TABLE]}
   store = None if paths is None else paths.store
   restored, inputs = None, None
+  plain = model.clone(mome_mesh=None)  # host-side passes over the facts: no mesh needed
+  choice = (spec.train_slots, spec.train_slot_choice)
   if store is not None and resume and is_prepared(store):
     ckpt = Checkpointer(store / ROUTER_DIR, every=0)
     restored = ckpt.restore({ROUTER: variables[ROUTER], BALANCE: variables[BALANCE]})
@@ -253,27 +283,30 @@ def prepare(cfg: ModelConfig, params: Any, encoded: Sequence[encoding.EncodedFac
     variables.update(restored[0])
     collisions = json.loads((store / COLLISIONS_FILE).read_text())
   else:
-    plain = model.clone(mome_mesh=None)  # one host-side pass over the facts: no mesh needed
     inputs = fact_inputs(plain, variables, encoded)
-    collisions = {"unbalanced": fact_collisions(plain, variables, encoded, inputs)}
+    collisions = {"unbalanced": fact_collisions(plain, variables, encoded, inputs, *choice)}
     if spec.balance:
       variables[BALANCE] = balance_facts(plain, variables, encoded, spec.balance_rounds,
                                          spec.balance_rate, inputs)
       if not adds_zero(variables[TABLE]):
         inputs = None
-      collisions["balanced"] = fact_collisions(plain, variables, encoded, inputs)
+      collisions["balanced"] = fact_collisions(plain, variables, encoded, inputs, *choice)
     if store is not None:
       ckpt = Checkpointer(store / ROUTER_DIR, every=0)
       ckpt.save(0, {ROUTER: variables[ROUTER], BALANCE: variables[BALANCE]},
                 {"label": label})
       ckpt.close()
-      (store / COLLISIONS_FILE).write_text(json.dumps(collisions, indent=2) + "\n")
+      if jax.process_index() == 0:  # one writer when several processes share the run directory
+        (store / COLLISIONS_FILE).write_text(json.dumps(collisions, indent=2) + "\n")
+  focus = None
+  if spec.train_slot_choice != "first":  # one layer: its inputs do not depend on its own table
+    inputs = inputs or fact_inputs(plain, variables, encoded)
+    focus = exclusive_focus(plain, variables, encoded, spec, inputs)
   if spec.key_match:
-    variables[TABLE] = key_experts(model.clone(mome_mesh=None), variables, encoded,
-                                   spec.key_match, inputs)
+    variables[TABLE] = key_experts(plain, variables, encoded, spec.key_match, inputs, *choice)
   frozen = _replicate({k: variables[k] for k in ("params", ROUTER, BALANCE)}, mesh)
   return Prepared(model, frozen, variables[TABLE], collisions, general_seconds,
-                  time.perf_counter() - t0)
+                  time.perf_counter() - t0, focus)
 
 
 def tune_mome(cfg: ModelConfig, params: Any, encoded: Sequence[encoding.EncodedFact],
@@ -301,18 +334,74 @@ def tune_mome(cfg: ModelConfig, params: Any, encoded: Sequence[encoding.EncodedF
   state = tuning_state(prepared.table, tx, train_cfg.seed, mesh, trained_leaves(not mome_cfg.key_match))
   anchor_cfg = mome_cfg.anchor if mome_cfg.anchor.weight > 0 else None
   frozen = prepared.frozen
+  plain = prepared.model.clone(mome_mesh=None)  # host-side passes over the facts: no mesh needed
+  routes_of = lambda tokens_NxT: token_routes(plain, prepared.variables(prepared.table), tokens_NxT)
   if anchor_cfg is not None:
     if anchors is None:
       raise ValueError("mome.anchor.weight > 0 needs the anchor pool (tune_mome(anchors=...),"
                        " see anchor_sequences)")
+    anchors = {**anchors, "experts": routes_of(np.asarray(anchors["tokens"]))}
     frozen = {**frozen, ANCHOR: _replicate(jax.tree.map(jnp.asarray, anchors), mesh)}
   step = make_tuning_step(prepared.model, tx, mesh, mome_cfg.margin, mome_cfg.train_positions,
                           focus_rows(encoded, train_cfg.batch_size, mome_cfg), anchor_cfg,
-                          train_down=not mome_cfg.key_match)
+                          train_down=not mome_cfg.key_match, train_slots=mome_cfg.train_slots)
+  longest = max(len(e.tokens) for e in encoded)
+  routes_FxTxK = routes_of(batch_lib.stack_encoded(encoded, longest, pad_id)[0])
+  focus_FxTxK = prepared.focus_FxTxK
+  if (focus_FxTxK is None) != (mome_cfg.train_slot_choice == "first"):
+    raise ValueError(f"tune_mome: mome.train_slot_choice={mome_cfg.train_slot_choice!r} but `prepared`"
+                     " was made with another (prepare with this mome config)")
+  extras = lambda batch: (batch_routes(routes_FxTxK, batch),) + (
+      () if focus_FxTxK is None else (batch_focus(focus_FxTxK, batch),))
   result = train_lib.fit(step, state, frozen, encoded, train_cfg, pad_id=pad_id, label=label,
                          paths=paths, resume=resume, progress=progress, on_epoch=on_epoch,
-                         stop_after_steps=stop_after_steps)
+                         stop_after_steps=stop_after_steps, batch_extras=extras)
   return prepared.model, prepared.variables(result.state.trainable), result
+
+
+def batch_routes(routes_FxTxK: np.ndarray, batch: batch_lib.Batch) -> jax.Array:
+  """[B, T, K]: the first MoME layer's experts for a batch's rows (padding rows: any valid experts).
+
+  Positions past a fact's last token get expert 0: they are padding, whose
+  outputs reach no loss.
+  """
+  width = batch.tokens_BxT.shape[1]
+  e_BxTxK = routes_FxTxK[np.maximum(batch.fact_index_B, 0), :width]
+  return jnp.asarray(np.pad(e_BxTxK, ((0, 0), (0, width - e_BxTxK.shape[1]), (0, 0))))
+
+
+def batch_focus(focus_FxTxK: np.ndarray, batch: batch_lib.Batch) -> jax.Array:
+  """bool [B, T, K]: a batch's rows of the per-fact slot focus (`Prepared.focus_FxTxK`);
+  padding rows get none."""
+  width = batch.tokens_BxT.shape[1]
+  f_BxTxK = focus_FxTxK[np.maximum(batch.fact_index_B, 0), :width] & batch.valid_B[:, None, None]
+  return jnp.asarray(np.pad(f_BxTxK, ((0, 0), (0, width - f_BxTxK.shape[1]), (0, 0))))
+
+
+def focus_slots(routes_FxTxK: np.ndarray, batch: batch_lib.Batch, rows_N: np.ndarray,
+                train_slots: int | None) -> jax.Array:
+  """bool [B, T, K]: the slots of a batch's answer positions (the first `train_slots`) whose
+  first-layer expert is one of `rows_N` (bool [N]): what an edit of stored facts trains
+  (`make_tuning_step`'s `focus`)."""
+  e_BxTxK = np.asarray(batch_routes(routes_FxTxK, batch))
+  answer_BxT = np.zeros(batch.loss_mask_BxT.shape, bool)
+  answer_BxT[:, :-1] = batch.loss_mask_BxT[:, 1:] > 0
+  focus = answer_BxT[..., None] & rows_N[e_BxTxK]
+  if train_slots is not None:
+    focus &= np.arange(e_BxTxK.shape[-1]) < train_slots
+  return jnp.asarray(focus)
+
+
+def apply_rows(tables: Any, rows: registry.Rows) -> Any:
+  """The "mome" collection with the rows of `rows` (`registry.load_rows`) written into it."""
+  for name, leaves in rows.items():
+    path = tuple(name.split("/"))
+    table = tree_get(tables, path)
+    idx = jnp.asarray(leaves["rows"], jnp.int32)
+    table = {k: (v.at[idx].set(jnp.asarray(leaves[k], v.dtype)) if k in leaves else v)
+             for k, v in table.items()}
+    tables = tree_set(tables, path, table)
+  return tables
 
 
 def is_prepared(store: pathlib.Path) -> bool:
@@ -323,7 +412,9 @@ def is_prepared(store: pathlib.Path) -> bool:
 def load_mome(spec: MomeTuningConfig, paths: train_lib.RunPaths, cfg: ModelConfig,
               params: Any) -> tuple[Transformer, dict[str, Any]]:
   """(model, variables) of a memory-tuned MoME: frozen router from `paths.store`, table from
-  the newest checkpoint in `paths.checkpoints`.
+  the newest checkpoint in `paths.checkpoints`, or, once its facts were listed or edited
+  (`lamini_jax.facts`), the committed version of its memory (`registry.read_manifest`):
+  the checkpoint it names with the version's changed rows written in.
 
   Shapes come from `jax.eval_shape`: no table is initialised and no optimizer
   built just to learn what the checkpoint holds.
@@ -336,10 +427,16 @@ def load_mome(spec: MomeTuningConfig, paths: train_lib.RunPaths, cfg: ModelConfi
   ckpt.close()
   if frozen is None:
     raise FileNotFoundError(f"{paths.store / ROUTER_DIR}: no frozen router of this MoME run")
+  manifest = registry.read_manifest(paths.store)
+  if manifest is not None and not (paths.checkpoints / str(manifest.base_step)).is_dir():
+    raise FileNotFoundError(f"{paths.store / registry.MANIFEST} builds on step {manifest.base_step} of"
+                            f" {paths.checkpoints}, which is no longer there")
   ckpt = Checkpointer(paths.checkpoints, every=0)
-  table = ckpt.restore_trainable(abstract[TABLE])
+  table = ckpt.restore_trainable(abstract[TABLE], None if manifest is None else manifest.base_step)
   ckpt.close()
   if table is None:
     raise FileNotFoundError(f"{paths.checkpoints}: no checkpoint (train.checkpoint_every must be > 0"
                             " for a run to be loadable)")
+  if manifest is not None:
+    table = apply_rows(table, registry.load_rows(paths.store, manifest))
   return model, {"params": params, **frozen[0], TABLE: table}
