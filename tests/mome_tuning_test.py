@@ -324,12 +324,15 @@ def test_exclusive_train_slots_give_each_answer_position_its_own_expert(params, 
                                           pad_id=0, prepared=prepared, progress=False)
   up = np.asarray(variables[layer_lib.TABLE]["layers_2"]["mome"]["up"])
   np.testing.assert_array_equal(np.flatnonzero(np.any(up != 0, axis=(1, 2))), np.sort(written))
-  # Greedy: a free expert, else the least written; then the least selected, then the best weight.
+  # Greedy: a free expert, else the least written; then (exclusive_unread) the least selected; then
+  # the best weight.
   got = collisions_lib.exclusive_slots(np.array([[5, 7], [5, 7], [5, 7], [3, 3]]),
                                        np.array([[.2, .8], [.9, .1], [.5, .5], [.5, .5]]), 1)
   np.testing.assert_array_equal(got, [[0, 1], [1, 0], [1, 0], [1, 0]])
-  got = collisions_lib.exclusive_slots(np.array([[2, 1], [2, 9]]), np.array([[.9, .1], [.9, .1]]), 1)
-  np.testing.assert_array_equal(got, [[0, 1], [0, 1]])  # expert 2, selected twice, is avoided
+  idx, w = np.array([[2, 1], [2, 9]]), np.array([[.9, .1], [.9, .1]])
+  np.testing.assert_array_equal(collisions_lib.exclusive_slots(idx, w, 1), [[1, 0], [0, 1]])
+  unread = collisions_lib.written_slots(idx, w, 1, "exclusive_unread")
+  np.testing.assert_array_equal(unread, [[0, 1], [0, 1]])  # expert 2, selected twice, is avoided
   assert collisions_lib.exclusive_slots(np.array([[3, 3]]), np.ones((1, 2)), 2).sum() == 1
   with pytest.raises(ValueError, match="prepare with this mome config"):
     mome_tuning.tune_mome(CFG, params, encoded, dataclasses.replace(spec, train_slot_choice="first"),

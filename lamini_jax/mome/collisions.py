@@ -126,14 +126,15 @@ def collision_summary(report: CollisionReport) -> dict[str, Any]:
           "max_facts_per_expert": int(len(report.facts_per_expert_hist) - 1)}
 
 
-def exclusive_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, n: int) -> np.ndarray:
+def exclusive_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, n: int,
+                    prefer_unread: bool = False) -> np.ndarray:
   """bool [P, K]: n slots of each position (row) whose experts no other position writes, where it can.
 
   Positions in order each take n of their slots with distinct experts: first those whose
-  expert no earlier position took, else the ones taken by the fewest; among those, the
-  experts the fewest positions select at all (an expert another position selects fires
-  there too when its input is near, as keyed inputs of one place in an answer are);
-  then the best-weighted. Host-side, one pass.
+  expert no earlier position took, else the ones taken by the fewest; among those the
+  best-weighted, or, with `prefer_unread`, first the experts the fewest positions select at
+  all (a keyed expert that another position selects fires there too when the inputs are
+  near, as those of one place in an answer are), then the best-weighted. Host-side, one pass.
   """
   idx_PxK = np.asarray(idx_PxK)
   if idx_PxK.shape != np.shape(w_PxK) or n < 1:
@@ -145,6 +146,8 @@ def exclusive_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, n: int) -> np.ndarra
   once_PxK[:, 1:] = sorted_PxK[:, 1:] != sorted_PxK[:, :-1]
   size = int(idx_PxK.max(initial=-1)) + 1
   demand_E = np.bincount(sorted_PxK[once_PxK], minlength=size)  # positions selecting each expert
+  if not prefer_unread:
+    demand_E = np.zeros_like(demand_E)
   taken_E = np.zeros(size, np.int64)  # positions writing each expert so far
   chosen_PxK = np.zeros(idx_PxK.shape, bool)
   for p in range(idx_PxK.shape[0]):
@@ -161,10 +164,10 @@ def exclusive_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, n: int) -> np.ndarra
 def written_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, train_slots: int | None,
                   choice: str = "first") -> np.ndarray:
   """bool [P, K]: the slots whose experts phase 2 writes (`MomeTuningConfig.train_slot_choice`)."""
-  if choice == "exclusive":
-    return exclusive_slots(idx_PxK, w_PxK, train_slots or idx_PxK.shape[1])
+  if choice in ("exclusive", "exclusive_unread"):
+    return exclusive_slots(idx_PxK, w_PxK, train_slots or idx_PxK.shape[1], choice == "exclusive_unread")
   if choice != "first":
-    raise ValueError(f"written_slots: choice={choice!r} is not 'first' or 'exclusive'")
+    raise ValueError(f"written_slots: choice={choice!r} is not 'first', 'exclusive' or 'exclusive_unread'")
   k = np.shape(idx_PxK)[1]
   return np.broadcast_to(np.arange(k) < (train_slots or k), np.shape(idx_PxK))
 

@@ -176,7 +176,7 @@ class AnchorConfig:
 
 
 TRAIN_POSITIONS = ("answer", "all")
-TRAIN_SLOT_CHOICES = ("first", "exclusive")
+TRAIN_SLOT_CHOICES = ("first", "exclusive", "exclusive_unread")
 
 
 _DEFAULT_TRAIN = train_lib.TrainConfig(
@@ -217,10 +217,11 @@ class MomeTuningConfig:
   train_slots rows per answer token instead of K.
   `train_slot_choice`: which `train_slots` slots: "first" (head 0's best first) or
   "exclusive" (chosen once before phase 2, `collisions.exclusive_slots`: answer
-  positions in order each take slots whose expert no earlier position writes, else
-  the least-written, preferring experts no other position selects, then the
-  best-weighted; so no two positions, of one fact or of two, write one expert
-  while another is free). One MoME layer only.
+  positions in order each take their best-weighted slots whose expert no earlier
+  position writes, else the least-written; so no two positions, of one fact or of
+  two, write one expert while another is free) or "exclusive_unread" (the same,
+  preferring experts no other answer position selects over weight). One MoME
+  layer only (docs/tried.md: fewer rows a fact).
   """
 
   layers: tuple[int, ...] = (3, 4)
