@@ -13,12 +13,13 @@ up and down, Adafactor at the config's learning rate (3e-3).
   relative_step=False, warmup_init=False)`, `--peft-batch` rows (16), each batch padded to
   its longest fact, the facts shuffled each epoch.
 
-Epochs alternate in one process (ours, PEFT's, ours, ...), so both meet the same load. An
-epoch's time is its wall time; from ours, the seconds jax spent compiling during it are
-subtracted and reported apart (the step compiles once per batch width, most in the first
-epochs). Each side's figure is the median over its epochs after the first; CPU seconds
-(user + system, the whole process) are printed beside. The last line holds both and their
-ratio.
+Both run in one process, one after the other (ours, then PEFT's: epochs alternating made
+each framework's idle worker threads steal the other's cores). An epoch's time is its wall
+time; from ours, the seconds jax spent compiling during it are subtracted and reported apart
+(the step compiles once per batch width, most in the first epochs). Each side's figure is
+the median over its epochs after the first; CPU seconds (user + system, the whole process)
+are printed beside. The last line holds both and their ratio. On a shared machine, run it
+twice: torch's threads slow down many times over when other processes take their cores.
 
   python -m benchmarks.lora_vs_peft [--epochs 5] [--facts 256] [--peft-batch 16]
       [--config configs/randomization_cpu.yaml] [--attn sdpa]
@@ -132,30 +133,31 @@ def peft_epoch(model, optimizer, batches: Sequence[dict[str, torch.Tensor]]) -> 
 
 
 def run(cfg: runs.RunConfig, epochs: int, n_facts: int, peft_batch: int, attn: str) -> dict[str, Any]:
-  """Both trainings, epochs alternating; per-epoch (wall, cpu, compile) seconds and losses."""
+  """Both trainings, ours first; per-epoch (wall, cpu, compile) seconds and losses."""
   backbone = runs.load_backbone(cfg.model)
   template = runs.prompt_template(cfg.data)
   facts = runs.facts_and_heldout(cfg.data, "random")[0][:n_facts]
   encoded = encoding.encode_facts(backbone.tokenizer, template, facts, cfg.data.max_len)
   pad_id = backbone.tokenizer.pad_token_id or 0
-  model, optimizer = peft_model(backbone.model_dir, cfg, attn)
   ours, theirs = [], []
   clock = Clock()
 
   def on_epoch(epoch: int, state, fact_loss: np.ndarray) -> dict[str, Any]:
-    del state
+    del epoch, state
     wall, cpu, compiled = clock.lap()
     ours.append({"wall": wall, "cpu": cpu, "compile": compiled, "loss": float(np.mean(fact_loss))})
-    batches = peft_batches(encoded, peft_batch, pad_id, epoch, cfg.train.seed)
-    clock.lap()
-    loss = peft_epoch(model, optimizer, batches)
-    wall, cpu, _ = clock.lap()
-    theirs.append({"wall": wall, "cpu": cpu, "loss": loss})
     return {}
 
   train_cfg = dataclasses.replace(cfg.train, epochs=epochs, stop_loss=None)
   lora_tuning.tune_lora(backbone.cfg, backbone.params, encoded, cfg.lora, train_cfg, pad_id=pad_id,
                         progress=False, on_epoch=on_epoch)
+  model, optimizer = peft_model(backbone.model_dir, cfg, attn)
+  for epoch in range(epochs):
+    batches = peft_batches(encoded, peft_batch, pad_id, epoch, cfg.train.seed)
+    clock.lap()
+    loss = peft_epoch(model, optimizer, batches)
+    wall, cpu, _ = clock.lap()
+    theirs.append({"wall": wall, "cpu": cpu, "loss": loss})
   return {"ours": ours, "peft": theirs, "facts": len(encoded)}
 
 

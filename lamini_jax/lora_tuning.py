@@ -37,12 +37,20 @@ def abstract_lora(model: Transformer, seed: int = 0) -> Any:
 
 def init_lora_state(model: Transformer, optimizer: optax.GradientTransformation,
                     seed: int) -> train_lib.TrainState:
-  """LoRA variables (B = 0) and their optimizer state, without touching the backbone."""
-  key = jax.random.key(seed)
+  """LoRA variables (B = 0) and their optimizer state, without touching the backbone.
+
+  One jitted function builds the whole state: run eagerly, the optimizer's zeros and the
+  step counter compiled a dozen one-op programs.
+  """
   abstract_lora(model, seed)  # checks that the model has adapters
-  lora = jax.jit(lambda k: nn.meta.unbox(model.init({"params": k}, jnp.zeros((1, 1), jnp.int32))["lora"]))(key)
-  return train_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=lora, opt_state=optimizer.init(lora),
-                    rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+  def init(key):
+    lora = nn.meta.unbox(model.init({"params": key}, jnp.zeros((1, 1), jnp.int32))["lora"])
+    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=lora,
+                                opt_state=optimizer.init(lora),
+                                rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+  return jax.jit(init)(jax.random.key(seed))
 
 
 @functools.lru_cache(maxsize=8)

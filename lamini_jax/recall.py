@@ -13,7 +13,7 @@ and again as a model trains (`recall_callback`, every few epochs), mostly withou
    differs from the answer (ignoring white space), or already ends wrongly. Only the rare
    fact whose text could still become the answer through other tokens (the answer spelled
    in other pieces, such as `▁` then `R` for `▁R`) is decoded greedily, as `recall` does,
-   in batches of one shape.
+   in batches of the one shape `recall` decodes in.
 
 Verdicts equal `recall`'s up to float near-ties between the two ways of computing the same
 logits (a full sequence here, a KV cache there): they agreed on every fact of every check
@@ -67,21 +67,20 @@ def _answer_text(tokenizer, template: encoding.PromptTemplate, new: Sequence[int
 
 def _greedy(model: Transformer, variables: Any, tokenizer, prompts: Sequence[Sequence[int]],
             template: encoding.PromptTemplate, max_new_tokens: int, batch_size: int,
-            filler: Sequence[int] | None = None) -> tuple[list[str], list[bool]]:
-  """(answer text, stopped) of each prompt, decoded greedily in batches of `batch_size`.
+            filler: Sequence[int]) -> tuple[list[str], list[bool]]:
+  """(answer text, stopped) of each prompt, decoded greedily `batch_size` prompts at a time.
 
-  With `filler` (the longest prompt), every batch is `batch_size - 1` prompts and the
-  filler, so every batch has one shape and compiles once whichever prompts it holds.
+  Every batch is filled up with `filler` (the longest prompt of the facts) to `batch_size + 1`
+  rows, so every batch has one shape, whichever prompts it holds: `recall` and the facts
+  `FactRecall` decodes share one compiled decoder.
   """
   sampling = gen.SamplingConfig(max_new_tokens=max_new_tokens)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  step = batch_size if filler is None else batch_size - 1
   answers, stopped = [], []
-  for start in range(0, len(prompts), step):
-    chunk = list(prompts[start:start + step])
+  for start in range(0, len(prompts), batch_size):
+    chunk = [list(p) for p in prompts[start:start + batch_size]]
     n = len(chunk)
-    if filler is not None:
-      chunk += [list(filler)] * (batch_size - n)
+    chunk += [list(filler)] * (batch_size + 1 - n)
     for new in gen.generate(model, variables, chunk, sampling, pad)[:n]:
       text, ended = _answer_text(tokenizer, template, new, max_new_tokens)
       answers.append(text.strip())
@@ -102,7 +101,7 @@ def recall(model: Transformer, variables: Any, tokenizer, facts: Sequence[facts_
     return Recall(np.zeros(0, bool), [])
   prompts = [encoding.encode_prompt(tokenizer, template, f.question).tolist() for f in facts]
   answers, stopped = _greedy(model, variables, tokenizer, prompts, template,
-                             _max_new_tokens(tokenizer, facts), batch_size)
+                             _max_new_tokens(tokenizer, facts), batch_size, max(prompts, key=len))
   exact = np.array([s and a == f.answer.strip() for a, s, f in zip(answers, stopped, facts)], bool)
   return Recall(exact, answers)
 

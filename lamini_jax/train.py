@@ -48,8 +48,9 @@ def reuse_freed_host_memory() -> bool:
   no trimming, a freed block stays in the heap and the next step reuses it; the price is
   that the process keeps its peak memory until it exits.
 
-  Takes effect only before XLA's threads first allocate, i.e. before the first jax
-  computation: this module calls it when imported. Does nothing where the C library is
+  Takes effect only before the first jax computation (it also turns off jax's
+  asynchronous dispatch on CPU, so that each block is allocated by the calling thread,
+  whose arena this configures): this module calls it when imported. Does nothing where the C library is
   not glibc, or where one of glibc's malloc environment variables is set (the user chose).
   """
   if any(name in os.environ for name in _MALLOC_ENV):
@@ -57,8 +58,14 @@ def reuse_freed_host_memory() -> bool:
   if not hasattr(os, "confstr") or not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
     return False
   mallopt = ctypes.CDLL(None).mallopt
-  return all(mallopt(param, value) == 1 for param, value in
-             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+  applied = all(mallopt(param, value) == 1 for param, value in
+                ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+  # A thread that allocated before this call (numpy's BLAS thread) keeps its own arena, and
+  # XLA's worker threads may share it: run CPU computations on the calling (main) thread,
+  # whose arena is the one configured here. The user's own choice of the flag stands.
+  if applied and "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ:
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+  return applied
 
 
 reuse_freed_host_memory()

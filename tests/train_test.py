@@ -104,7 +104,7 @@ def test_facts_whose_trained_tokens_hold_no_stop_are_decoded(trained, facts, sto
   check = recall_lib.FactRecall(model, stories_tokenizer, facts, no_stop, decode_batch_size=4)
   want = eval_lib.recall(model, variables, stories_tokenizer, facts, no_stop).exact
   np.testing.assert_array_equal(check(variables), want)
-  assert check.undecided == len(facts)  # in 2 batches of 3 facts and the longest prompt
+  assert check.undecided == len(facts)  # in 2 batches: 4 facts, then 2, each with the longest prompt
 
 
 def test_a_miss_decodes_only_when_other_tokens_could_still_spell_the_answer(stories, stories_tokenizer):
