@@ -19,7 +19,6 @@ import sys
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lamini_jax.data import batches as batch_lib
@@ -54,30 +53,33 @@ def score(model: Transformer, variables: Any, encoded: Sequence[encoding.Encoded
           first: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(summed log-likelihood of the masked tokens, their count) of every sequence.
 
-  `first`: only each sequence's first `first` masked tokens count.
+  `first`: only each sequence's first `first` masked tokens count. Sequences are scored in
+  order of length, each batch padded to its own longest one (rounded up to 32 tokens), so
+  short sequences do not pay for the longest one: the forward pass compiles once per width.
   """
   if not encoded:
     return np.zeros(0), np.zeros(0)
-  longest = max(len(e.tokens) for e in encoded)
-  if longest > model.cfg.max_position_embeddings:
-    raise ValueError(f"a scored sequence has {longest} tokens, more than the model's context of "
+  lengths = np.array([len(e.tokens) for e in encoded])
+  if lengths.max() > model.cfg.max_position_embeddings:
+    raise ValueError(f"a scored sequence has {lengths.max()} tokens, more than the model's context of "
                      f"{model.cfg.max_position_embeddings}")
-  seq_len = min(_bucket(longest), model.cfg.max_position_embeddings)
-  tokens_NxT, mask_NxT = batch_lib.stack_encoded(encoded, seq_len, pad_id)
-  if first is not None:
-    mask_NxT = mask_NxT * (np.cumsum(mask_NxT > 0, axis=1) <= first)
-  n = len(encoded)
-  total = -(-n // batch_size) * batch_size
-  tokens_NxT = np.pad(tokens_NxT, ((0, total - n), (0, 0)), constant_values=pad_id)
-  mask_NxT = np.pad(mask_NxT, ((0, total - n), (0, 0)))
-  sums, counts = [], []
-  for start in range(0, total, batch_size):
-    row_sum, row_count = _row_nll(model, variables, jnp.asarray(tokens_NxT[start:start + batch_size]),
-                                  jnp.asarray(mask_NxT[start:start + batch_size]))
-    sums.append(row_sum)
-    counts.append(row_count)
-  return -np.concatenate([np.asarray(s) for s in sums])[:n], np.concatenate(
-      [np.asarray(c) for c in counts])[:n]
+  order = np.argsort(lengths, kind="stable")
+  results = []
+  for start in range(0, len(encoded), batch_size):
+    rows = order[start:start + batch_size]
+    seq_len = min(_bucket(int(lengths[rows].max())), model.cfg.max_position_embeddings)
+    tokens_NxT, mask_NxT = batch_lib.stack_encoded([encoded[i] for i in rows], seq_len, pad_id)
+    if first is not None:
+      mask_NxT = mask_NxT * (np.cumsum(mask_NxT > 0, axis=1) <= first)
+    fill = batch_size - len(rows)  # every batch of one width has one shape
+    tokens_NxT = np.pad(tokens_NxT, ((0, fill), (0, 0)), constant_values=pad_id)
+    mask_NxT = np.pad(mask_NxT, ((0, fill), (0, 0)))
+    results.append((rows, _row_nll(model, variables, *jax.device_put((tokens_NxT, mask_NxT)))))
+  sums, counts = np.zeros(len(encoded)), np.zeros(len(encoded))
+  for rows, (row_sum, row_count) in results:
+    sums[rows] = -np.asarray(row_sum)[:len(rows)]
+    counts[rows] = np.asarray(row_count)[:len(rows)]
+  return sums, counts
 
 
 def fact_losses(model, variables, encoded, batch_size=32, pad_id=0) -> np.ndarray:

@@ -17,8 +17,10 @@ Formats:
   mome    the backbone, the router, selection bias and expert table of every MoME
           layer, and the PyTorch modeling code (`lamini_jax/hf_mome`), loaded by
           `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`.
-          Tables above `--max-shard-bytes` are split over several files with a
-          `model.safetensors.index.json`.
+          Of each table only the trained rows (`up` not all zero) with their expert
+          ids (`lamini_jax.mome.sparse_table`), unless `--whole-table`. The run's fact
+          registry, where `lamini_jax.facts` keeps one, as `lamini_facts.jsonl`.
+          Files above `--max-shard-bytes` are split with a `model.safetensors.index.json`.
 
 Every export records where it came from (run directory, label, step, base
 model) in `lamini_export.json`. `load_export` reads a merged, PEFT or MoME
@@ -50,22 +52,18 @@ from lamini_jax import hf
 from lamini_jax import hf_mome
 from lamini_jax.lora import LoraConfig
 from lamini_jax.model import PROJECTIONS, Transformer, merge_lora, module_of
-from lamini_jax.mome.config import MomeConfig
-from lamini_jax.mome.layer import BALANCE, ROUTER, TABLE
-from lamini_jax.mome import router as router_lib
-from lamini_jax.mome import table as table_lib
+from lamini_jax.mome.layer import TABLE
+from lamini_jax.mome import hf_tensors
+from lamini_jax.mome import registry
+from lamini_jax.mome import sparse_table
 from lamini_jax import runs
 
 FORMATS = ("merged", "peft", "mome")
 EXPORT_FILE = "lamini_export.json"
+FACTS_FILE = "lamini_facts.jsonl"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _HF_MODULE = {"attn": "self_attn", "mlp": "mlp"}
-_MOME_TENSORS = {ROUTER: tuple(router_lib.ROUTER_AXES), BALANCE: tuple(router_lib.BALANCE_AXES),
-                 TABLE: tuple(table_lib.TABLE_AXES)}
-# The `mome` field of a MoME export's config.json: the layers and the `MomeConfig` fields of the
-# layer, its width excepted (the backbone's hidden_size), `sub_keys` always written out.
-MOME_HF_FIELDS = tuple(f.name for f in dataclasses.fields(MomeConfig) if f.name != "embed_dim")
 
 
 class ExportError(ValueError):
@@ -165,39 +163,6 @@ def adapter_config(lora: LoraConfig, base_model: str) -> dict[str, Any]:
   }
 
 
-def mome_hf_config(model: Transformer) -> dict[str, Any]:
-  """The `mome` field of a MoME export's config.json."""
-  spec = {name: getattr(model.mome, name) for name in MOME_HF_FIELDS}
-  return {"layers": sorted(model.mome_layers), **spec, "sub_keys": list(model.mome.grid)}
-
-
-def mome_config_of(spec: dict[str, Any], hidden_size: int) -> MomeConfig:
-  """The `MomeConfig` of a `mome` field; `sub_keys` is None when it is the default split."""
-  fields = {name: spec[name] for name in MOME_HF_FIELDS if name in spec and name != "sub_keys"}
-  sub_keys = tuple(spec["sub_keys"])
-  try:
-    default = MomeConfig(**fields, embed_dim=hidden_size)
-  except ValueError:
-    default = None
-  if default is not None and default.grid == sub_keys:
-    return default
-  return MomeConfig(**fields, embed_dim=hidden_size, sub_keys=sub_keys)
-
-
-def mome_tensor_name(layer: int, name: str) -> str:
-  return f"model.layers.{layer}.mlp.mome.{name}"
-
-
-def iter_mome_tensors(model: Transformer, variables: dict[str, Any], dtype: str):
-  """(HF name, numpy tensor) of every MoME layer's router, balance bias and table."""
-  np_dtype = np.dtype(dtype_of(dtype))
-  for i in sorted(model.mome_layers):
-    for collection, names in _MOME_TENSORS.items():
-      for name in names:
-        arr = np.asarray(jax.device_get(variables[collection][f"layers_{i}"]["mome"][name]))
-        yield mome_tensor_name(i, name), arr.astype(np_dtype)
-
-
 # ---------------------------------------------------------------------------
 # Writing exports.
 
@@ -250,8 +215,13 @@ def export_peft(out_dir, lora_vars: dict[str, Any], lora: LoraConfig, *, base_mo
 
 def export_mome(out_dir, model: Transformer, variables: dict[str, Any], *, tokenizer_dir=None,
                 source: Source | None = None, dtype: str | None = None,
-                max_shard_bytes: int = 4 * 2**30, overwrite: bool = False) -> pathlib.Path:
-  """Writes the backbone, every MoME layer and the modeling code for `trust_remote_code`."""
+                max_shard_bytes: int = 4 * 2**30, overwrite: bool = False,
+                whole_table: bool = False, facts_file: pathlib.Path | None = None) -> pathlib.Path:
+  """Writes the backbone, every MoME layer and the modeling code for `trust_remote_code`.
+
+  Of each table only the trained rows unless `whole_table`; `facts_file` (a fact registry)
+  is copied in as `lamini_facts.jsonl`.
+  """
   if model.mome is None or not model.mome_layers:
     raise ExportError("export_mome needs a Transformer with MoME layers (mome and mome_layers)")
   if model.lora is not None:
@@ -260,15 +230,18 @@ def export_mome(out_dir, model: Transformer, variables: dict[str, Any], *, token
   dtype = dtype or cfg.param_dtype
   model_type, _, model_cls = hf_mome.CLASSES[cfg.architecture]
   out = _prepare_out(out_dir, overwrite)
+  tables = None if whole_table else {
+      i: sparse_table.sparse(variables[TABLE][f"layers_{i}"]["mome"]) for i in model.mome_layers}
   extra_config = {"model_type": model_type, "architectures": [model_cls],
-                  "auto_map": hf_mome.auto_map(cfg.architecture), "mome": mome_hf_config(model)}
+                  "auto_map": hf_mome.auto_map(cfg.architecture), "mome": hf_tensors.mome_hf_config(model, tables)}
   hf.save_pretrained(out, variables["params"], cfg, tokenizer_dir=tokenizer_dir, dtype=dtype,
                      max_shard_bytes=max_shard_bytes,
-                     extra_tensors=iter_mome_tensors(model, variables, dtype),
+                     extra_tensors=hf_tensors.iter_mome_tensors(model, variables, dtype, tables),
                      extra_config=extra_config)
-  for path in hf_mome.FILES:
-    shutil.copyfile(path, out / path.name)
-  _write_record(out, "mome", source, {})
+  for path in (*hf_mome.FILES, *([] if facts_file is None else [facts_file])):
+    shutil.copyfile(path, out / (FACTS_FILE if path == facts_file else path.name))
+  _write_record(out, "mome", source, {"table": "whole" if whole_table else "trained rows",
+                                      "facts": None if facts_file is None else FACTS_FILE})
   return out
 
 
@@ -292,37 +265,24 @@ def _load_mome_export(model_dir: pathlib.Path, hf_config: dict[str, Any],
   spec = hf_config.get("mome")
   if not isinstance(spec, dict):
     raise hf.CheckpointError(f"{model_dir / hf.CONFIG_FILE}: a MoME export needs a 'mome' field")
-  model = Transformer(cfg, mome=mome_config_of(spec, cfg.hidden_size),
+  model = Transformer(cfg, mome=hf_tensors.mome_config_of(spec, cfg.hidden_size),
                       mome_layers=tuple(spec["layers"]))
   ckpt = hf.Checkpoint(model_dir, cfg)
   layout = hf.hf_layout(cfg)
-  shapes = {ROUTER: router_lib.router_shapes(model.mome),
-            BALANCE: {"bias1": (model.mome.num_heads, model.mome.grid[0]),
-                               "bias2": (model.mome.num_heads, model.mome.grid[1])},
-            TABLE: table_lib.table_shapes(model.mome)}
-  expected = dict(layout)
-  for i in model.mome_layers:
-    for collection, names in _MOME_TENSORS.items():
-      for name in names:
-        expected[mome_tensor_name(i, name)] = ((collection, f"layers_{i}", "mome", name),
-                                               tuple(shapes[collection][name]))
-  missing = [k for k in expected if k not in ckpt]
+  missing = [k for k in layout if k not in ckpt]
   if missing:
     raise hf.CheckpointError(f"{model_dir}: export is missing tensor {missing[0]!r} "
                              f"({len(missing)} missing in all)")
   np_dtype = np.dtype(dtype_of(param_dtype))
-  variables: dict[str, Any] = {}
-  for name, (path, shape) in expected.items():
-    backbone = name in layout
-    want = hf.hf_shape(shape, path, cfg) if backbone else shape
-    if backbone:
-      arr, path = hf.to_ours(ckpt.read(name, want), path, shape).astype(np_dtype), ("params",) + path
-    else:
-      arr = np.asarray(ckpt.read(name, want), np.float32)
-    node = variables
+  params: dict[str, Any] = {}
+  for name, (path, shape) in layout.items():
+    arr = hf.to_ours(ckpt.read(name, hf.hf_shape(shape, path, cfg)), path, shape).astype(np_dtype)
+    node = params
     for part in path[:-1]:
       node = node.setdefault(part, {})
-    node[path[-1]] = jax.device_put(arr)
+    node[path[-1]] = arr
+  mome = hf_tensors.read_mome_tensors(ckpt, model, spec, model_dir)
+  variables = jax.tree.map(jax.device_put, {"params": params, **mome})
   return model, variables
 
 
@@ -384,11 +344,13 @@ def _base_model_id(path: str) -> str:
 
 def export_checkpoint(checkpoint, out_dir, fmt: str, *, adapter: str | None = None,
                       base_model: str | None = None, dtype: str | None = None,
-                      max_shard_bytes: int = 4 * 2**30, overwrite: bool = False) -> pathlib.Path:
-  """Exports one trained model of a run directory of `experiments.randomization`.
+                      max_shard_bytes: int = 4 * 2**30, overwrite: bool = False,
+                      whole_table: bool = False) -> pathlib.Path:
+  """Exports one trained model of a run directory (`experiments.randomization`, `tune`).
 
   `base_model` overrides the base model id recorded in a PEFT adapter (e.g. the
-  hub id of a backbone trained from a local copy).
+  hub id of a backbone trained from a local copy). A MoME model exports its committed
+  memory (`lamini_jax.facts` edits included) and, where one is kept, its fact registry.
   """
   run, label = resolve_checkpoint(checkpoint, adapter)
   _check_format(fmt, run.is_mome(label), run.path, label)
@@ -404,8 +366,11 @@ def export_checkpoint(checkpoint, out_dir, fmt: str, *, adapter: str | None = No
   model, variables, model_dir = trained.model, trained.variables, trained.backbone.model_dir
   cfg, params = trained.backbone.cfg, trained.backbone.params
   if fmt == "mome":
+    store = run.paths(label).store
+    manifest = registry.read_manifest(store)
     return export_mome(out_dir, model, variables, tokenizer_dir=model_dir, source=source, dtype=dtype,
-                       max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+                       max_shard_bytes=max_shard_bytes, overwrite=overwrite, whole_table=whole_table,
+                       facts_file=None if manifest is None else store / manifest.registry)
   if fmt == "merged":
     return export_merged(out_dir, cfg, params, variables["lora"], model.lora, tokenizer_dir=model_dir,
                          source=source, dtype=dtype, max_shard_bytes=max_shard_bytes,
@@ -429,11 +394,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--max-shard-bytes", type=int, default=4 * 2**30,
                       help="split the safetensors into files of at most this size (with an index)")
   parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+  parser.add_argument("--whole-table", action="store_true",
+                      help="mome: write every row of the expert table (default: only the trained rows)")
   args = parser.parse_args(argv)
   try:
     out = export_checkpoint(args.checkpoint, args.out, args.format, adapter=args.adapter,
                             base_model=args.base_model, dtype=args.dtype,
-                            max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite)
+                            max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite,
+                            whole_table=args.whole_table)
   except (ExportError, hf.CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

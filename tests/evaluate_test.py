@@ -51,10 +51,14 @@ def setup(stories):
 
 def test_score_pads_and_batches_without_changing_results(setup, stories_tokenizer):
   model, params = setup
-  facts = [facts_lib.Fact("Why is the sky blue?", "Because of the sun", "a"),
+  # Scored shortest first, two at a time, each pair at its own width (a multiple of 32 tokens).
+  long = " ".join(["Once upon a time Lily and Tim went to the big park to play with a ball."] * 6)
+  facts = [facts_lib.Fact(long, "They were happy", "long"),
+           facts_lib.Fact("Why is the sky blue?", "Because of the sun", "a"),
            facts_lib.Fact("Who won?", "Tim", "b"),
            facts_lib.Fact("What did Lily see in the big park today?", "A red ball", "c")]
-  enc = encoding.encode_facts(stories_tokenizer, TEMPLATE, facts, 64)
+  enc = encoding.encode_facts(stories_tokenizer, TEMPLATE, facts, 256)
+  assert len(enc[0].tokens) > 64 >= max(len(e.tokens) for e in enc[1:])
   ll, count = eval_lib.score(model, {"params": params}, enc, batch_size=2)
   for e, got, n in zip(enc, ll, count):
     assert n == e.loss_mask[1:].sum()

@@ -33,8 +33,10 @@ from lamini_jax.lora import LoraConfig
 from lamini_jax import lora_tuning
 from lamini_jax import model as model_lib
 from lamini_jax.mome import config as mome_config
+from lamini_jax.mome import hf_tensors
 from lamini_jax.mome import layer as layer_lib
 from lamini_jax.mome import router as router_lib
+from lamini_jax.mome import sparse_table
 from lamini_jax.mome import tuning as mome_tuning
 from lamini_jax import runs
 from lamini_jax import train as train_lib
@@ -153,7 +155,7 @@ def _record(out):
 
 def _torch_mome(spec, d):
   config = types.SimpleNamespace(hidden_size=d, num_hidden_layers=1, mome=spec)
-  return modeling_lamini_mome.LaminiMome(config)
+  return modeling_lamini_mome.LaminiMome(config, spec["layers"][0])
 
 
 def test_torch_router_matches_route_with_ties_and_bias():
@@ -183,6 +185,39 @@ def test_torch_router_matches_route_with_ties_and_bias():
   np.testing.assert_allclose(t_w.numpy(), np.asarray(w), atol=1e-6, rtol=0)
   y = gather_apply_reference(jnp.asarray(x_TxD), idx, w, table["down"], table["up"], cfg.act)
   np.testing.assert_allclose(t_y.numpy(), np.asarray(y), atol=1e-5, rtol=0)
+
+
+def test_torch_sparse_table_gives_the_whole_tables_outputs():
+  # Half the experts untrained (up = 0): the sparse layer holds the other half and their ids.
+  spec = {"layers": [0], "num_experts": 35, "sub_keys": [5, 7], "expert_rank": 2, "num_heads": 3,
+          "key_dim": 4, "top_k": 6, "activation": "silu", "threshold": 0.3}
+  cfg = mome_config.MomeConfig(num_experts=35, embed_dim=7, expert_rank=2, num_heads=3, key_dim=4,
+                               top_k=6, activation="silu", sub_keys=(5, 7), threshold=0.3)
+  rng = np.random.default_rng(3)
+  router = {k: rng.normal(size=s).astype(np.float32) for k, s in router_lib.router_shapes(cfg).items()}
+  balance = {"bias1": np.zeros((3, 5), np.float32), "bias2": np.zeros((3, 7), np.float32)}
+  up = rng.normal(size=(35, 2, 7)).astype(np.float32)
+  up[rng.permutation(35)[:18]] = 0
+  table = {"down": rng.normal(size=(35, 7, 2)).astype(np.float32), "up": up}
+  stored = sparse_table.sparse(jax.tree.map(jnp.asarray, table))
+  np.testing.assert_array_equal(stored["rows"], np.flatnonzero(np.abs(up).sum(axis=(1, 2))))
+  whole = _torch_mome(spec, 7)
+  whole.load_state_dict({k: torch.tensor(v) for k, v in {**router, **balance, **table}.items()})
+  part = _torch_mome({**spec, "stored_rows": [17]}, 7)
+  part.load_state_dict({k: torch.tensor(v) for k, v in {**router, **balance, **stored}.items()})
+  x_TxD = torch.tensor(rng.normal(size=(40, 7)).astype(np.float32))
+  with torch.no_grad():
+    want, got = whole(x_TxD).numpy(), part(x_TxD).numpy()
+  hit = np.isin(np.asarray(whole.route(x_TxD)[0]), stored["rows"])
+  assert hit.any() and not hit.all()  # tokens reach stored and unstored experts
+  np.testing.assert_array_equal(got, want)
+  back = sparse_table.dense(stored, {"down": (35, 7, 2), "up": (35, 2, 7)}, "test")
+  np.testing.assert_array_equal(back["up"], up)
+  with pytest.raises(ValueError, match="test: rows must be ascending distinct expert ids in 0..34"):
+    sparse_table.dense({**stored, "rows": stored["rows"][::-1]}, {"down": (35, 7, 2), "up": (35, 2, 7)},
+                       "test")
+  with pytest.raises(ValueError, match=r"config.mome.stored_rows must list one row count"):
+    _torch_mome({**spec, "stored_rows": [36]}, 7)
 
 
 def test_torch_mome_config_errors_name_the_field():
@@ -290,9 +325,12 @@ def test_mome_export_runs_in_transformers_with_remote_code_and_recalls_every_fac
                            source=export.Source(base_model=str(stories_dir)), max_shard_bytes=150_000)
   index = json.loads((out / hf.INDEX_FILE).read_text())
   assert len(set(index["weight_map"].values())) > 2 and not (out / hf.SINGLE_FILE).exists()
-  assert "model.layers.4.mlp.mome.down" in index["weight_map"]
+  assert "model.layers.4.mlp.mome.rows" in index["weight_map"]
   config = json.loads((out / "config.json").read_text())
   assert config["mome"]["sub_keys"] == [7, 11] and config["mome"]["layers"] == [2, 4]
+  trained = [sparse_table.trained_rows(variables[layer_lib.TABLE][f"layers_{i}"]["mome"]["up"])
+             for i in (2, 4)]
+  assert config["mome"]["stored_rows"] == [len(r) for r in trained]  # 77 each: 5 facts use every row
   with pytest.raises(ValueError, match="trust_remote_code"):
     transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
   tm = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
@@ -301,11 +339,23 @@ def test_mome_export_runs_in_transformers_with_remote_code_and_recalls_every_fac
   assert not hasattr(tm.model.layers[3].mlp, "mome")
   _check_logits(tm, model, variables, _fact_tokens(encoded))
   _check_greedy_answers(tm, model, variables, stories_tokenizer, facts)
-  # Import back: the same model and every variable, bit for bit.
+  # Import back: the same model and every variable bit for bit, `down` on the trained rows.
   back, back_vars, _ = export.load_export(out)
   assert back.mome == model.mome and back.mome_layers == model.mome_layers
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, variables),
-               jax.tree.map(np.asarray, back_vars))
+  _check_sparse_round_trip(variables, back_vars, model.mome_layers)
+
+
+def _check_sparse_round_trip(variables, back, layers):
+  """`back` (a sparse export read back) equals `variables`, but untrained rows' `down` are zero."""
+  variables, back = jax.tree.map(np.asarray, variables), jax.tree.map(np.asarray, back)
+  table, back_table = variables.pop(layer_lib.TABLE), back.pop(layer_lib.TABLE)
+  jax.tree.map(np.testing.assert_array_equal, variables, back)
+  for i in layers:
+    want, got = table[f"layers_{i}"]["mome"], back_table[f"layers_{i}"]["mome"]
+    np.testing.assert_array_equal(got["up"], want["up"])
+    rows = np.abs(want["up"]).sum(axis=(1, 2)) > 0
+    np.testing.assert_array_equal(got["down"][rows], want["down"][rows])
+    assert not got["down"][~rows].any()
 
 
 def test_mistral_mome_export_with_untied_head_and_sliding_window(tmp_path):
@@ -318,15 +368,23 @@ def test_mistral_mome_export_with_untied_head_and_sliding_window(tmp_path):
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   variables = nn.meta.unbox(variables)
   keys = iter(jax.random.split(jax.random.key(1), 8))
-  for i in (0, 2):  # a trained-looking table (up != 0) and a selection bias
-    variables[layer_lib.TABLE][f"layers_{i}"]["mome"]["up"] = jax.random.normal(next(keys), (30, 2, 24))
+  for i in (0, 2):  # a trained-looking table (up != 0 in 2 rows of 3) and a selection bias
+    up = jax.random.normal(next(keys), (30, 2, 24)) * (jnp.arange(30) % 3 > 0)[:, None, None]
+    variables[layer_lib.TABLE][f"layers_{i}"]["mome"]["up"] = up
     variables[layer_lib.BALANCE][f"layers_{i}"]["mome"]["bias2"] = jax.random.normal(next(keys), (2, 6))
   out = export.export_mome(tmp_path / "mistral", model, variables)
-  assert json.loads((out / "config.json").read_text())["model_type"] == "lamini_mome_mistral"
+  whole = export.export_mome(tmp_path / "whole", model, variables, whole_table=True)
+  config = json.loads((out / "config.json").read_text())
+  assert config["model_type"] == "lamini_mome_mistral" and config["mome"]["stored_rows"] == [20, 20]
+  assert "stored_rows" not in json.loads((whole / "config.json").read_text())["mome"]
   tm = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+  tm_whole = transformers.AutoModelForCausalLM.from_pretrained(whole, trust_remote_code=True).eval()
   assert type(tm).__name__ == "LaminiMomeMistralForCausalLM" and not tm.config.tie_word_embeddings
   tokens = np.random.default_rng(2).integers(0, 97, (2, 13))
   _check_logits(tm, model, variables, tokens)
+  with torch.no_grad():
+    np.testing.assert_array_equal(tm(torch.tensor(tokens)).logits.numpy(),
+                                  tm_whole(torch.tensor(tokens)).logits.numpy())
   base = np.asarray(jax.jit(model_lib.Transformer(cfg).apply)({"params": variables["params"]},
                                                               jnp.asarray(tokens))[0])
   with torch.no_grad():
@@ -334,8 +392,9 @@ def test_mistral_mome_export_with_untied_head_and_sliding_window(tmp_path):
   back, back_vars, _ = export.load_export(out)
   same_grid = lambda m: dataclasses.replace(m, sub_keys=m.grid)  # (5, 6) is also the default split
   assert (back.cfg, back.mome_layers, same_grid(back.mome)) == (cfg, (0, 2), same_grid(mome_cfg))
+  _check_sparse_round_trip(variables, back_vars, (0, 2))
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, variables),
-               jax.tree.map(np.asarray, back_vars))
+               jax.tree.map(np.asarray, export.load_export(whole)[1]))
 
 
 @pytest.mark.slow
@@ -413,13 +472,13 @@ def test_mome_export_fields_are_the_layer_config_s():
   # The `mome` field of a MoME export is MomeConfig's field list (its width excepted), and the
   # remote code shipped with the export reads exactly those.
   layer_fields = {f.name for f in dataclasses.fields(mome_config.MomeConfig)} - {"embed_dim"}
-  assert set(export.MOME_HF_FIELDS) == layer_fields
+  assert set(hf_tensors.MOME_HF_FIELDS) == layer_fields
   read_by_remote = set(remote_config._INT_FIELDS) | {"activation", "sub_keys", "threshold"}
   assert read_by_remote == layer_fields
   cfg = mome_config.MomeConfig(num_experts=35, embed_dim=7, expert_rank=2, num_heads=3, key_dim=4,
                                top_k=6, activation="relu", sub_keys=(5, 7), threshold=0.5)
   backbone = model_lib.ModelConfig(vocab_size=11, hidden_size=7, intermediate_size=5, num_layers=2,
                                    num_heads=1, num_kv_heads=1, head_dim=7, max_position_embeddings=16)
-  spec = export.mome_hf_config(model_lib.Transformer(backbone, mome=cfg, mome_layers=(1,)))
-  got = export.mome_config_of(spec, 7)  # sub_keys None: (5, 7) is 35's default split
+  spec = hf_tensors.mome_hf_config(model_lib.Transformer(backbone, mome=cfg, mome_layers=(1,)))
+  got = hf_tensors.mome_config_of(spec, 7)  # sub_keys None: (5, 7) is 35's default split
   assert got.grid == cfg.grid and dataclasses.replace(got, sub_keys=cfg.sub_keys) == cfg

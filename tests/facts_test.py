@@ -18,7 +18,9 @@ from lamini_jax.data import batches as batch_lib
 from lamini_jax.data import encoding
 from lamini_jax.data import facts as facts_lib
 from lamini_jax import evaluate as eval_lib
+from lamini_jax import export
 from lamini_jax import facts as facts_cli
+from lamini_jax import hf
 from lamini_jax import model as model_lib
 from lamini_jax.mome import anchors as anchors_lib
 from lamini_jax.mome import config as mome_config
@@ -304,6 +306,28 @@ def test_forget_zeroes_the_fact_s_own_rows(forgotten):
   zero = jax.tree.map(jnp.zeros_like, trained.variables[layer_lib.TABLE])
   assert loss[0] == eval_lib.fact_losses(trained.model, {**trained.variables, layer_lib.TABLE: zero}, enc)[0]
   np.testing.assert_allclose(loss, base, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_an_edited_run_exports_its_memory_rows_and_registry(forgotten, tmp_path):
+  run_dir, _, victim, _, _, manifest = forgotten
+  out = export.export_checkpoint(run_dir, tmp_path / "export", "mome", adapter=LABEL)
+  store = runs.RunDir(run_dir).paths(LABEL).store
+  assert (out / export.FACTS_FILE).read_text() == (store / manifest.registry).read_text()
+  assert victim.id not in {json.loads(line)["id"] for line in (out / export.FACTS_FILE).open()}
+  table = _table(run_dir)
+  written = np.flatnonzero(np.any(table["up"] != 0, axis=(1, 2)))
+  stored_rows = hf.Checkpoint(out).read("model.layers.4.mlp.mome.rows")
+  np.testing.assert_array_equal(stored_rows, written)
+  assert 0 < len(written) < len(table["up"]) // 100  # an export of the facts' rows, not the table
+  # The export is the edited model: the same logits in lamini-jax, bit for bit.
+  trained = runs.load_trained(run_dir, LABEL)
+  model, variables, _ = export.load_export(out)
+  tokens = jnp.asarray(encoding.encode_facts(trained.backbone.tokenizer, trained.template,
+                                             _facts([r for r in STORED if r["id"] != victim.id]),
+                                             64)[0].tokens)[None]
+  np.testing.assert_array_equal(np.asarray(model.apply(variables, tokens)[0]),
+                                np.asarray(trained.model.apply(trained.variables, tokens)[0]))
 
 
 @pytest.mark.slow

@@ -12,6 +12,10 @@ are described by one extra field, `mome`, a dict:
   top_k         S experts per head, so K = H * S experts per token
   activation    relu | gelu (tanh approximation, as jax.nn.gelu) | silu | identity
   threshold     (optional, default 0) subtracted from down^T x before the activation
+  stored_rows   (optional) one count per layer of `layers`: the table is stored sparse, only
+                the M rows whose `up` is not all zero (`rows` [M] ascending expert ids,
+                `down` [M, D, R], `up` [M, R, D]); every other expert adds exactly zero, as
+                an untrained (zero-`up`) expert does. Without it the whole table is stored.
 """
 
 import math
@@ -44,6 +48,12 @@ def mome_spec(config) -> dict:
   threshold = spec.get("threshold", 0.0)
   if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
     raise ValueError(f"config.mome.threshold must be a finite number >= 0, got {threshold!r}")
+  stored = spec.get("stored_rows")
+  if stored is not None and (not isinstance(stored, list) or len(stored) != len(spec["layers"])
+                             or any(isinstance(m, bool) or not isinstance(m, int)
+                                    or not 0 <= m <= spec["num_experts"] for m in stored)):
+    raise ValueError(f"config.mome.stored_rows must list one row count in 0..num_experts per layer "
+                     f"of {spec['layers']}, got {stored!r}")
   bad = [i for i in spec["layers"] if not 0 <= i < config.num_hidden_layers]
   if bad:
     raise ValueError(f"config.mome.layers {spec['layers']}: layer {bad[0]} is outside "

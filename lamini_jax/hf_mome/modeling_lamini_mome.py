@@ -19,7 +19,10 @@ the lower index); the weights are a softmax over the head's selected unbiased
 scores. Slot h * top_k + s holds head h's s-th expert.
 
 The MoME branch runs in float32 whatever the model dtype, so routing decisions
-are those of training. Tensor layouts are lamini-jax's: query [D, H, Q],
+are those of training. A sparse export (`mome.stored_rows` in config.json) holds only
+the experts whose `up` is not all zero: `rows` [M] (ascending expert ids) with their
+`down` [M, D, R] and `up` [M, R, D]; a selected expert outside `rows` adds exactly zero,
+as an untrained expert of the whole table does, so both layouts give the same outputs. Tensor layouts are lamini-jax's: query [D, H, Q],
 keys1 [H, n1, Q/2], keys2 [H, n2, Q/2], bias1 [H, n1], bias2 [H, n2],
 down [N, D, R], up [N, R, D].
 
@@ -70,7 +73,7 @@ def product_key_topk(s1_XxI: torch.Tensor, s2_XxJ: torch.Tensor, k: int) -> torc
 class LaminiMome(nn.Module):
   """One MoME layer: product-key router, frozen selection bias and the expert table."""
 
-  def __init__(self, config):
+  def __init__(self, config, layer: int):
     super().__init__()
     spec = mome_spec(config)
     d, h, q = config.hidden_size, spec["num_heads"], spec["key_dim"]
@@ -84,6 +87,11 @@ class LaminiMome(nn.Module):
     self.keys2 = nn.Parameter(torch.empty(h, n2, q // 2))
     self.bias1 = nn.Parameter(torch.zeros(h, n1), requires_grad=False)
     self.bias2 = nn.Parameter(torch.zeros(h, n2), requires_grad=False)
+    stored = spec.get("stored_rows")
+    self.sparse = stored is not None
+    if self.sparse:
+      n = stored[spec["layers"].index(layer)]
+      self.register_buffer("rows", torch.zeros(n, dtype=torch.int64))
     self.down = nn.Parameter(torch.empty(n, d, r))
     self.up = nn.Parameter(torch.empty(n, r, d))
 
@@ -116,13 +124,24 @@ class LaminiMome(nn.Module):
     to_slots = lambda a_HxTxS: a_HxTxS.permute(1, 0, 2).reshape(t, -1)
     return to_slots(e_HxTxS), to_slots(w_HxTxS)
 
+  def stored_positions(self, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position in `rows`, whether stored) of each expert id, for a sparse table."""
+    pos = torch.searchsorted(self.rows, experts).clamp_(max=self.rows.numel() - 1)
+    return pos, self.rows[pos] == experts
+
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     x_TxD = x.reshape(-1, x.shape[-1]).float()
     idx_TxK, w_TxK = self.route(x_TxD)
     t, k = idx_TxK.shape
     flat = idx_TxK.reshape(-1)
+    if self.sparse:
+      if self.rows.numel() == 0:
+        return torch.zeros_like(x)
+      flat, stored = self.stored_positions(flat)
     down_TxKxDxR = self.down.index_select(0, flat).float().reshape(t, k, *self.down.shape[1:])
     up_TxKxRxD = self.up.index_select(0, flat).float().reshape(t, k, *self.up.shape[1:])
+    if self.sparse:
+      up_TxKxRxD = up_TxKxRxD * stored.reshape(t, k, 1, 1)
     h_TxKxR = self.act(torch.einsum("TD,TKDR->TKR", x_TxD, down_TxKxDxR) - self.threshold)
     y_TxD = torch.einsum("TK,TKR,TKRD->TD", w_TxK, h_TxKxR, up_TxKxRxD)
     return y_TxD.reshape(x.shape).to(x.dtype)
@@ -131,9 +150,9 @@ class LaminiMome(nn.Module):
 class LaminiMomeLlamaMLP(LlamaMLP):
   """The Llama MLP with a MoME branch on the same input: mlp(x) + mome(x)."""
 
-  def __init__(self, config):
+  def __init__(self, config, layer: int):
     super().__init__(config)
-    self.mome = LaminiMome(config)
+    self.mome = LaminiMome(config, layer)
 
   def forward(self, x):
     return super().forward(x) + self.mome(x)
@@ -142,9 +161,9 @@ class LaminiMomeLlamaMLP(LlamaMLP):
 class LaminiMomeMistralMLP(MistralMLP):
   """The Mistral MLP with a MoME branch on the same input: mlp(x) + mome(x)."""
 
-  def __init__(self, config):
+  def __init__(self, config, layer: int):
     super().__init__(config)
-    self.mome = LaminiMome(config)
+    self.mome = LaminiMome(config, layer)
 
   def forward(self, x):
     return super().forward(x) + self.mome(x)
@@ -158,7 +177,7 @@ class LaminiMomeLlamaForCausalLM(LlamaForCausalLM):
   def __init__(self, config):
     super().__init__(config)
     for i in mome_spec(config)["layers"]:
-      self.model.layers[i].mlp = LaminiMomeLlamaMLP(config)
+      self.model.layers[i].mlp = LaminiMomeLlamaMLP(config, i)
     self.post_init()
 
   def _init_weights(self, module):
@@ -175,7 +194,7 @@ class LaminiMomeMistralForCausalLM(MistralForCausalLM):
   def __init__(self, config):
     super().__init__(config)
     for i in mome_spec(config)["layers"]:
-      self.model.layers[i].mlp = LaminiMomeMistralMLP(config)
+      self.model.layers[i].mlp = LaminiMomeMistralMLP(config, i)
     self.post_init()
 
   def _init_weights(self, module):
