@@ -149,9 +149,11 @@ class AnchorConfig:
   near zero on other text that selects it too (no expert gets trained by the
   anchors alone: they have no answer positions). Sources, cut or padded to
   `seq_len` tokens: `windows` windows of the `corpus` text file (relative to
-  the data directory unless absolute; "" for none) and `questions` TruthfulQA
-  questions with their best answers in the prompt template, taken from those
-  neither trained nor held out (`data.spare_items`).
+  the data directory unless absolute; "" for none; of the dev corpus only the
+  articles dev perplexity does not read, and never a test corpus:
+  `runs.training_corpus`) and `questions` TruthfulQA questions with their best
+  answers in the prompt template, taken from those neither trained nor in the
+  dev or test split (`runs.spare_truthfulqa`).
   """
 
   weight: float = 0.0
