@@ -18,7 +18,7 @@ Held-out figures come from one split, `--split` (`eval.split`): dev (the default
 choice of settings, test only for final tables (`runs.EvalSpec`). `--seeds 0,1,2` runs the
 experiment once per seed, in RUN_DIR/seed-<seed>, and writes the mean and standard error of
 every figure over the seeds, and each model's paired difference from the base model, to
-RUN_DIR/summary.json and RUN_DIR/report.md.
+RUN_DIR/summary.json and RUN_DIR/report.md, and draws the differences in RUN_DIR/differences.png.
 """
 
 from __future__ import annotations
@@ -296,9 +296,10 @@ def run_seeds(cfg: runs.RunConfig, seeds: Sequence[int], resume: bool = False,
   if _lead():
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "report.md").write_text(report.seeds_markdown(summary))
+    report.plot_seed_differences(summary["models"], cfg.eval.split, run_dir / "differences.png")
   print(f"\nmean ± SE over seeds {list(seeds)} ({cfg.eval.split} split):\n")
   print(report.seeds_table(summary["models"], cfg.eval.split))
-  print(f"wrote {run_dir}/{{report.md,summary.json}} and one run directory per seed")
+  print(f"wrote {run_dir}/{{report.md,summary.json,differences.png}} and one run directory per seed")
   return summary
 
 

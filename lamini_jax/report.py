@@ -1,5 +1,6 @@
 """Run reports: loss-curve figures, Table 1, the summary table, report.md, and the mean and
-standard error of every figure over seeds (`aggregate_seeds`, `seeds_markdown`)."""
+standard error of every figure over seeds (`aggregate_seeds`, `seeds_markdown`,
+`plot_seed_differences`)."""
 
 from __future__ import annotations
 
@@ -203,6 +204,46 @@ def seeds_table(aggregate: dict[str, dict[str, dict[str, Any]]], split: str,
   return "\n".join(lines) + "\n"
 
 
+def plot_seed_differences(aggregate: dict[str, dict[str, dict[str, Any]]], split: str,
+                          path: pathlib.Path | None = None) -> Figure:
+  """One panel per held-out figure: each model's paired difference from the base model, mean
+  and a bar of 2 SE either side, over seeds; a line at zero (no change).
+
+  Perplexities are drawn on a symmetric log axis (LoRA's can move by 10^4 where MoME's moves by
+  units). A model without a finite difference for a figure (e.g. one seed) has no marker there.
+  Saved to `path` when given; the figure is returned either way.
+  """
+  models = [m for m in aggregate if m != "base"]
+  keys = [k for k in MODEL_COLUMNS
+          if any(aggregate[m].get(k, {}).get("diff_mean") is not None for m in models)]
+  if not keys:
+    raise ValueError("plot_seed_differences: no figure has a paired difference from the base model")
+  cols = min(4, len(keys))
+  rows = -(-len(keys) // cols)
+  fig = Figure(figsize=(4.2 * cols, 0.35 * len(models) * rows + 1.2 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False).ravel()
+  y = np.arange(len(models))[::-1]
+  for i, (ax, key) in enumerate(zip(axes, keys)):
+    entries = [aggregate[m].get(key, {}) for m in models]
+    means = np.array([np.nan if e.get("diff_mean") is None else e["diff_mean"] for e in entries])
+    ses = np.array([np.nan if e.get("diff_se") is None else e["diff_se"] for e in entries])
+    ax.errorbar(means, y, xerr=2 * np.nan_to_num(ses), fmt="o", capsize=3)
+    ax.axvline(0.0, color="0.4", linewidth=0.8)
+    ax.margins(x=0.08)
+    if key.startswith("perplexity"):
+      ax.set_xscale("symlog", linthresh=10.0)
+    ax.set_yticks(y, models if i % cols == 0 else [""] * len(models))
+    ax.set_title(f"{split} {key}", fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+  for ax in axes[len(keys):]:
+    ax.set_visible(False)
+  fig.suptitle(f"difference from the base model ({split} split), mean ± 2 SE over seeds")
+  fig.tight_layout()
+  if path is not None:
+    fig.savefig(path, dpi=110)
+  return fig
+
+
 def seeds_markdown(summary: dict[str, Any]) -> str:
   """report.md of a run over several seeds (`summary`: `experiments.randomization.run_seeds`)."""
   s = summary
@@ -217,6 +258,8 @@ def seeds_markdown(summary: dict[str, Any]) -> str:
       "## Data\n", sources_markdown(s),
       "## Mean ± SE over seeds\n", seeds_table(s["models"], s["split"]),
       "## Paired difference from the base model\n",
-      "Each model's figure minus the base model's, seed by seed; mean ± SE of those differences.\n",
+      "Each model's figure minus the base model's, seed by seed; mean ± SE of those differences "
+      "(drawn with 2 SE bars in [differences.png](differences.png)).\n",
       seeds_table(s["models"], s["split"], diff=True),
+      "![paired differences from the base model](differences.png)\n",
   ])

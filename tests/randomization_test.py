@@ -207,5 +207,6 @@ def test_seeds_on_the_test_split(tmp_path):
   assert {f.question for f in facts[0]} != {f.question for f in facts[1]}
   text = (run_dir / "report.md").read_text()
   assert "**test** split" in text and "| test perplexity_ood |" in text and "± " in text
+  assert (run_dir / "differences.png").stat().st_size > 10_000 and "(differences.png)" in text
   again = randomization.run_seeds(cfg, [0, 1], resume=True, progress=False)  # both read back
   assert again["models"] == summary["models"]

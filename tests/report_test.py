@@ -78,3 +78,32 @@ def test_seeds_tables_name_the_split():
                               "models": agg})
   assert "**test** split" in md and "[seed-2](seed-2/report.md)" in md
   assert "- `perplexity`: 32 windows of corpus/wikitext-2-test.txt" in md
+
+
+def test_the_differences_figure_draws_each_paired_difference_with_two_se():
+  rng = np.random.default_rng(3)
+  per_seed = [{"base": {"perplexity": 200.0 + k, "mc1": 0.21, "mmlu_acc": 0.28},
+               "lora-random": {"perplexity": float(3e4 * (1 + rng.uniform())), "mc1": 0.2 + 0.01 * k},
+               "mome-random": {"perplexity": 198.0 + 2 * k, "mc1": 0.21, "mmlu_acc": 0.3}}
+              for k in range(3)]
+  agg = report.aggregate_seeds(per_seed)
+  fig = report.plot_seed_differences(agg, "test")
+  panels = [ax for ax in fig.axes if ax.get_visible()]
+  assert [ax.get_title() for ax in panels] == ["test perplexity", "test mc1", "test mmlu_acc"]
+  for ax, key in zip(panels, ("perplexity", "mc1", "mmlu_acc")):
+    points = ax.lines[0]
+    for m, x in zip(("lora-random", "mome-random"), points.get_xdata()):
+      want = agg[m].get(key, {}).get("diff_mean")
+      assert (math.isnan(x) if want is None else x == pytest.approx(want, rel=1e-12))
+    # The horizontal bar of each model spans mean +- 2 SE (matplotlib's error bar segments).
+    segments = ax.collections[0].get_segments()
+    for m, seg in zip(("lora-random", "mome-random"), segments):
+      e = agg[m].get(key, {})
+      if e.get("diff_mean") is not None:
+        assert seg[0][0] == pytest.approx(e["diff_mean"] - 2 * e["diff_se"], rel=1e-9, abs=1e-12)
+        assert seg[1][0] == pytest.approx(e["diff_mean"] + 2 * e["diff_se"], rel=1e-9, abs=1e-12)
+  assert panels[0].get_xscale() == "symlog" and panels[1].get_xscale() == "linear"
+  # (198 + 2k) - (200 + k) seed by seed: the paired difference, not a difference of means.
+  assert agg["mome-random"]["perplexity"]["diff_mean"] == pytest.approx(-1.0)
+  with pytest.raises(ValueError, match="no figure has a paired difference"):
+    report.plot_seed_differences(report.aggregate_seeds([{"base": {"mc1": 0.2}}] * 2), "dev")
