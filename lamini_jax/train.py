@@ -68,7 +68,22 @@ def reuse_freed_host_memory() -> bool:
   return applied
 
 
-reuse_freed_host_memory()
+_HOST_MEMORY_KEPT = reuse_freed_host_memory()
+
+
+def release_freed_host_memory() -> bool:
+  """Returns the heap's free pages to the system (glibc `malloc_trim(0)`); whether it ran.
+
+  For work whose blocks change size from one call to the next, where a kept block is not
+  reused but fragments the heap: a MoME edit makes several copies of a table (512 MB at
+  2^20 experts) of which none outlives it, and without this each edit left about one
+  table's worth of free but kept memory behind (a 10-forget, 10-update edit phase reached
+  24 GB; docs/sequential.md). Does nothing where `reuse_freed_host_memory` did not apply.
+  """
+  if not _HOST_MEMORY_KEPT:
+    return False
+  ctypes.CDLL(None).malloc_trim(0)
+  return True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -190,3 +190,20 @@ def test_learning_rate_warmup_and_cosine_decay_follow_float64(warmup):
   np.testing.assert_allclose(steps, want, rtol=1e-4, atol=1e-7)
   with pytest.raises(ValueError, match="optimizer.decay_steps"):
     train_lib.OptimizerConfig(decay_steps=-1)
+
+
+def _resident_mb() -> float:
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not train_lib._HOST_MEMORY_KEPT,
+                    reason="glibc's malloc settings were not applied (not glibc, or MALLOC_* set)")
+def test_freed_host_memory_is_kept_until_released():
+  block = np.ones(256 * 2**20 // 8)  # 256 MB from the heap: no mmap under these settings
+  held = _resident_mb()
+  del block
+  kept = _resident_mb()
+  assert kept > held - 64  # freed, but the heap keeps it (no trimming)
+  assert train_lib.release_freed_host_memory()
+  assert _resident_mb() < kept - 192  # malloc_trim gave the pages back

@@ -200,6 +200,7 @@ def retrain(ed: Editor, table: Any, facts: Sequence[facts_lib.Fact], rows: np.nd
   of `rows`, and stops once every fact is recalled exactly (checked every `recall_every`
   epochs) or after `epochs`.
   """
+  train_lib.release_freed_host_memory()  # the tables earlier edits freed (docs/sequential.md)
   t0 = time.perf_counter()
   spec, model = ed.spec, ed.model
   encoded = ed.encode(facts)
