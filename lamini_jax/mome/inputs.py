@@ -86,10 +86,17 @@ def fact_slots(encoded: Sequence[encoding.EncodedFact], slots_PxK: np.ndarray) -
   return out_FxTxK
 
 
+def _chunk(n: int, batch_size: int) -> int:
+  """Rows per forward pass over n sequences: batch_size, or the power of two that holds n when
+  fewer (a handful of facts is not padded to a full chunk; few shapes compile)."""
+  return min(batch_size, 1 << max(n - 1, 0).bit_length())
+
+
 def fact_inputs(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
                 batch_size: int = 32) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Each MoME layer's input at the facts' answer positions [P, D], and their fact index [P]."""
   tokens, pred = answer_positions(encoded)
+  batch_size = _chunk(len(encoded), batch_size)
   chunks: dict[str, list[np.ndarray]] = {}
   for start in range(0, len(encoded), batch_size):
     block = tokens[start:start + batch_size]
@@ -115,6 +122,7 @@ def token_routes(model: Transformer, variables: Any, tokens_NxT: np.ndarray,
   name = layer_key(path)
   router, balance = tree_get(variables[ROUTER], path), tree_get(variables[BALANCE], path)
   n, t = tokens_NxT.shape
+  batch_size = _chunk(n, batch_size)
   out = np.zeros((n, t, model.mome.slots), np.int32)
   for start in range(0, n, batch_size):
     block = tokens_NxT[start:start + batch_size]
