@@ -211,21 +211,20 @@ class Mome:
     return self._commit(result, t0, f"add batch {batch + 1}: {len(new)} facts")
 
   def edit(self, forget: list[facts_lib.Fact], update: list[facts_lib.Fact], current) -> dict[str, Any]:
-    """Forgets `forget` and gives `update` their new answers, one fact at a time; one commit."""
+    """Forgets `forget` in one batch, then gives `update` their new answers in one batch; one commit."""
     self.model_variables()
     if not {f.fact_id for f in forget} <= {f.id for f in self.stored}:
       return {"seconds": None, "note": "committed before a restart: not timed"}
     t0, epochs, progress = time.perf_counter(), self.ctx.cfg.mome.train.epochs, self.ctx.progress
-    table, stored, changed, trained = self.table, self.stored, [np.zeros(0, np.int64)], []
-    for new, answer in [(f, None) for f in forget] + [(f, f.answer) for f in update]:
-      fact = registry.find(stored, fact_id=new.fact_id)
-      r = (edit_lib.forget(self.editor, table, stored, fact, epochs=epochs, progress=progress)
-           if answer is None else
-           edit_lib.update(self.editor, table, stored, fact, answer, epochs=epochs, progress=progress))
-      table, stored = r.table, list(r.facts)
-      changed.append(r.changed)
-      trained += r.trainings
-    result = edit_lib.Edit(table, tuple(stored), np.unique(np.concatenate(changed)), tuple(trained), {})
+    find = lambda f: registry.find(self.stored, fact_id=f.fact_id)
+    gone, changes = [find(f) for f in forget], [(find(f), f.answer) for f in update]
+    edit_lib.check_edits(self.stored, gone, changes)  # before the table is donated
+    removed = edit_lib.forget(self.editor, self.table, self.stored, gone, epochs=epochs,
+                              progress=progress)
+    r = edit_lib.update(self.editor, removed.table, removed.facts, changes, epochs=epochs,
+                        progress=progress)
+    result = edit_lib.Edit(r.table, r.facts, np.union1d(removed.changed, r.changed),
+                           removed.trainings + r.trainings, {})
     return self._commit(result, t0, f"forget {len(forget)}, update {len(update)} facts")
 
 

@@ -4,7 +4,8 @@
     python -m lamini_jax.facts show   --run-dir runs/x [--label L] (--id ID | --question Q)
     python -m lamini_jax.facts add    --run-dir runs/x [--label L] --facts new.jsonl [--epochs N]
     python -m lamini_jax.facts update --run-dir runs/x [--label L] (--id ID | --question Q) --answer A
-    python -m lamini_jax.facts forget --run-dir runs/x [--label L] (--id ID | --question Q)
+    python -m lamini_jax.facts update --run-dir runs/x [--label L] --facts changes.jsonl
+    python -m lamini_jax.facts forget --run-dir runs/x [--label L] (--id ID | --question Q)...
 
 A run of `python -m lamini_jax.tune --method mome` or `python -m experiments.randomization
 --method mome` holds a MoME model under a label (`mome`, `mome-random`, ...; `--label` may be
@@ -15,9 +16,16 @@ and registry at once: a process killed at any point leaves the run as it was bef
 command or as it is after it. `runs.load_trained`, `lamini_jax.generate --run` and
 `lamini_jax.evaluate --run` read the committed version.
 
+`forget` takes several facts (`--id` and `--question` repeat, and mix); `update --facts` reads a
+JSONL or CSV file (as `add --facts` does) whose records name a stored fact by "id" (or
+"fact_id") or by "question" and give its new "answer". Several facts are one edit and one
+commit, with at most one retraining for `forget` and two for `update` whatever their number; a
+bad batch (an id or question not stored, a fact named twice, an unchanged answer) is an error
+that names it and changes nothing.
+
 `--epochs` bounds each retraining (default: the run's `mome.train.epochs`); training stops as
 soon as every fact it trains is recalled exactly. Exit status: 0 when every fact the edit
-trained or could affect is recalled exactly (and a removed answer is no longer produced); 1 when
+trained or could affect is recalled exactly (and no removed answer is produced); 1 when
 the edit is committed but the report names facts for which that is not so; 2 on an error, which
 changes nothing.
 """
@@ -39,6 +47,7 @@ import numpy as np
 
 from lamini_jax.checkpoint import Checkpointer
 from lamini_jax.data import facts as facts_lib
+from lamini_jax.data import sources
 from lamini_jax.mome import edit as edit_lib
 from lamini_jax.mome import registry
 from lamini_jax.mome.inputs import token_routes
@@ -186,36 +195,142 @@ def add(run_dir, facts_file, label: str | None = None, epochs: int | None = None
       ed, table, stored, new, epochs=n, progress=progress, source=str(facts_file)))
 
 
-def forget(run_dir, fact_id: str | None = None, question: str | None = None, label: str | None = None,
+def _names(value: str | Sequence[str] | None) -> list[str]:
+  """A flag's values: None, one string, or a sequence of them (a repeated flag)."""
+  return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _forgotten(stored: Sequence[registry.StoredFact], ids: Sequence[str],
+               questions: Sequence[str]) -> list[registry.StoredFact]:
+  """The stored facts with these ids and questions, checked as one batch (`edit.check_edits`)."""
+  facts = ([registry.find(stored, fact_id=i) for i in ids]
+           + [registry.find(stored, question=q) for q in questions])
+  edit_lib.check_edits(stored, forget=facts)
+  return facts
+
+
+def forget(run_dir, fact_id: str | Sequence[str] | None = None,
+           question: str | Sequence[str] | None = None, label: str | None = None,
            epochs: int | None = None, progress: bool = False) -> tuple[edit_lib.Edit, registry.Manifest]:
-  """Forgets the stored fact with this id or question (`mome.edit.forget`)."""
+  """Forgets the stored facts with these ids and questions (one or several) in one edit
+  (`mome.edit.forget`)."""
+  ids, questions = _names(fact_id), _names(question)
+  if not ids and not questions:
+    raise ValueError("name the facts to forget by --id or --question (each may be repeated)")
   target = open_run(run_dir, label)
   n = _epochs(target, epochs)
   if registry.read_manifest(target.store) is not None:  # a bad id fails before any model loads
-    registry.find(ensure_registry(target)[1], fact_id, question)
+    _forgotten(ensure_registry(target)[1], ids, questions)
 
   def run_edit(ed, table, stored):
-    fact = registry.find(stored, fact_id, question)
-    return edit_lib.forget(ed, table, stored, fact, epochs=n, progress=progress)
-  return _edit(target, f"forget {fact_id or question!r}", run_edit)
+    return edit_lib.forget(ed, table, stored, _forgotten(stored, ids, questions), epochs=n,
+                           progress=progress)
+  return _edit(target, "forget " + _ids([repr(x) for x in ids + questions]), run_edit)
 
 
-def update(run_dir, answer: str, fact_id: str | None = None, question: str | None = None,
-           label: str | None = None, epochs: int | None = None,
-           progress: bool = False) -> tuple[edit_lib.Edit, registry.Manifest]:
-  """Gives the stored fact with this id or question a new answer (`mome.edit.update`)."""
+@dataclasses.dataclass(frozen=True)
+class Change:
+  """A new answer for the stored fact with `fact_id` or `question`; `where` names its source."""
+
+  answer: str
+  fact_id: str | None = None
+  question: str | None = None
+  where: str = ""
+
+  def find(self, stored: Sequence[registry.StoredFact]) -> registry.StoredFact:
+    """The stored fact it names: by id when it has one (and then its question, if any, matches)."""
+    at = f"{self.where}: " if self.where else ""
+    try:
+      fact = registry.find(stored, self.fact_id, None if self.fact_id is not None else self.question)
+    except KeyError as e:
+      raise KeyError(at + e.args[0]) from None
+    if self.fact_id is not None and self.question and self.question.strip() != fact.question:
+      raise ValueError(f"{at}fact {fact.id!r} has the question {fact.question!r}, not {self.question!r}")
+    return fact
+
+
+def load_changes(path) -> list[Change]:
+  """New answers from a JSONL (an object a line) or CSV (a header row) file, read as
+  `data.facts.load_facts_file` reads facts: "answer", and "id" (or "fact_id") or "question".
+  Errors name the file and the 1-based line (JSONL) or row (CSV, the header is row 1)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"facts file {path} does not exist")
+  records = []
+  if path.suffix in (".jsonl", ".json"):
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+      if not line.strip():
+        continue
+      try:
+        records.append((f"{path}: line {n}", json.loads(line)))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {n}: invalid JSON: {e}") from None
+  elif path.suffix == ".csv":
+    rows = sources.read_csv_rows(path)
+    if not rows or "answer" not in rows[0] or not {"id", "fact_id", "question"} & set(rows[0]):
+      raise ValueError(f"{path}: row 1 must be a header with 'answer' and 'id' or 'question', got "
+                       f"{rows[:1]}")
+    for n, row in enumerate(rows[1:], start=2):
+      if len(row) != len(rows[0]):
+        raise ValueError(f"{path}: row {n}: expected {len(rows[0])} columns like the header, got "
+                         f"{len(row)}")
+      records.append((f"{path}: row {n}", dict(zip(rows[0], row))))
+  else:
+    raise ValueError(f"{path}: facts files must end in .jsonl, .json or .csv")
+  if not records:
+    raise ValueError(f"{path}: no facts")
+  return [_change(where, record) for where, record in records]
+
+
+def _change(where: str, record: Any) -> Change:
+  if not isinstance(record, dict):
+    raise ValueError(f"{where}: expected an object with answer and id or question, got "
+                     f"{type(record).__name__}")
+  answer, question = record.get("answer"), record.get("question") or None
+  fact_id = record.get("id") or record.get("fact_id") or None
+  if not isinstance(answer, str) or not answer.strip():
+    raise ValueError(f"{where}: 'answer' must be a non-empty string, got {answer!r}")
+  if fact_id is None and not isinstance(question, str):
+    raise ValueError(f"{where}: name the stored fact by 'id' or 'question', got {record!r}")
+  return Change(answer.strip(), None if fact_id is None else str(fact_id), question, where)
+
+
+def _changes(stored: Sequence[registry.StoredFact], changes: Sequence[Change],
+             source: str) -> list[tuple[registry.StoredFact, str]]:
+  """(stored fact, new answer) of every change, checked as one batch (`edit.check_edits`)."""
+  out = [(c.find(stored), c.answer) for c in changes]
+  try:
+    edit_lib.check_edits(stored, update=out)
+  except (KeyError, ValueError) as e:
+    raise type(e)(f"{source}: {e.args[0]}" if source else e.args[0]) from None
+  return out
+
+
+def update(run_dir, answer: str | None = None, fact_id: str | None = None, question: str | None = None,
+           label: str | None = None, epochs: int | None = None, progress: bool = False,
+           facts_file=None) -> tuple[edit_lib.Edit, registry.Manifest]:
+  """New answers in one edit (`mome.edit.update`): `answer` for the stored fact with this id or
+  question, or those of a facts file (`load_changes`)."""
+  if facts_file is not None:
+    if (fact_id, question, answer) != (None, None, None):
+      raise ValueError(f"--facts {facts_file} names the facts and their new answers: leave out --id, "
+                       "--question and --answer")
+    changes, source = load_changes(facts_file), str(facts_file)
+  else:
+    if (fact_id is None) == (question is None) or answer is None:
+      raise ValueError("name the fact by --id or by --question (one of them) with its --answer, or "
+                       "give a file of new answers with --facts")
+    changes, source = [Change(answer, fact_id, question)], ""
   target = open_run(run_dir, label)
   n = _epochs(target, epochs)
   if registry.read_manifest(target.store) is not None:  # bad input fails before any model loads
-    _, stored = ensure_registry(target)
-    fact = registry.find(stored, fact_id, question)
-    if answer.strip() == fact.answer:
-      raise ValueError(f"fact {fact.id!r} already has the answer {fact.answer!r}: nothing to update")
+    _changes(ensure_registry(target)[1], changes, source)
 
   def run_edit(ed, table, stored):
-    fact = registry.find(stored, fact_id, question)
-    return edit_lib.update(ed, table, stored, fact, answer, epochs=n, progress=progress)
-  return _edit(target, f"update {fact_id or question!r}", run_edit)
+    return edit_lib.update(ed, table, stored, _changes(stored, changes, source), epochs=n,
+                           progress=progress)
+  named = [repr(c.fact_id or c.question) for c in changes]
+  return _edit(target, f"update {_ids(named)}" + (f" from {facts_file}" if facts_file else ""), run_edit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,13 +378,15 @@ def edit_text(verb: str, result: edit_lib.Edit, manifest: registry.Manifest) -> 
   else:
     lines.append("  no other stored fact selects the rows it changed")
   if result.removed_recalled is not None:
-    lines.append("  the removed answer is " + ("STILL produced" if result.removed_recalled
-                                                else "no longer produced"))
+    still = [k for k, v in result.removed_recalled.items() if v]
+    n = len(result.removed_recalled)
+    lines.append(f"  removed answers no longer produced: {n - len(still)}/{n}"
+                 + (f"; STILL produced: {_ids(still)}" if still else ""))
   return "\n".join(lines)
 
 
 def _ok(result: edit_lib.Edit) -> bool:
-  return all(result.recalled.values()) and not result.removed_recalled
+  return all(result.recalled.values()) and not any((result.removed_recalled or {}).values())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -280,13 +397,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--run-dir", type=pathlib.Path, required=True)
     p.add_argument("--label", help="the MoME model of the run (optional when it holds one)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    if verb in ("show", "update", "forget"):
+    if verb in ("show", "update"):
       p.add_argument("--id")
       p.add_argument("--question")
+    if verb == "forget":
+      p.add_argument("--id", action="append", help="a fact to forget (repeat for several)")
+      p.add_argument("--question", action="append", help="a fact to forget (repeat for several)")
     if verb == "add":
       p.add_argument("--facts", type=pathlib.Path, required=True, help="JSONL or CSV of question/answer")
     if verb == "update":
-      p.add_argument("--answer", required=True)
+      p.add_argument("--answer", help="the new answer of the fact --id or --question names")
+      p.add_argument("--facts", type=pathlib.Path, help="JSONL or CSV of new answers: answer, and id "
+                     "or question (instead of --id/--question and --answer)")
     if verb in ("add", "update", "forget"):
       p.add_argument("--epochs", type=int, help="at most this many epochs per retraining "
                      "(default: the run's mome.train.epochs)")
@@ -308,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       result, manifest = forget(args.run_dir, args.id, args.question, args.label, args.epochs, progress)
     else:
       result, manifest = update(args.run_dir, args.answer, args.id, args.question, args.label,
-                                args.epochs, progress)
+                                args.epochs, progress, facts_file=args.facts)
   except (yaml_config.ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
     print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
     return 2

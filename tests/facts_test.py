@@ -97,6 +97,50 @@ def test_registry_commit_neighbours_and_errors(tmp_path):
         pass
 
 
+def test_a_bad_batch_of_edits_is_an_error_that_names_the_fact():
+  facts = [_stored("a", [1, 2]), _stored("b", [2, 3]), _stored("c", [5])]
+  a, b, c = facts
+  edit_lib.check_edits(facts, [a, c], [(b, "new b")])  # a good batch
+  for forget, update, error, message in (
+      ([_stored("x", [1])], [], KeyError, "fact 'x' is not stored"),
+      ([a, b, a], [], ValueError, "fact 'a' is named twice among the facts to forget"),
+      ([], [(b, "one"), (b, "two")], ValueError, "fact 'b' is named twice among the facts to update"),
+      ([a], [(c, "new c"), (a, "new a")], ValueError, "fact 'a' is both forgotten and updated"),
+      ([], [(a, "new a"), (b, " a b ")], ValueError, "fact 'b' already has the answer 'a b'"),
+      ([], [(c, "  ")], ValueError, "the new answer of fact 'c' is empty")):
+    with pytest.raises(error, match=message):
+      edit_lib.check_edits(facts, forget, update)
+  for edit, batch in ((edit_lib.forget, []), (edit_lib.update, [])):
+    with pytest.raises(ValueError, match="no facts to"):
+      edit(None, None, facts, batch, epochs=1)
+
+
+def test_a_file_of_new_answers_names_facts_by_id_or_question(tmp_path):
+  facts = [_stored("a", [1]), _stored("b", [2])]
+  jsonl = tmp_path / "new.jsonl"
+  jsonl.write_text('{"id": "a", "answer": " A2 "}\n\n{"question": "q b?", "answer": "B2"}\n')
+  changes = facts_cli.load_changes(jsonl)
+  assert [(c.find(facts).id, c.answer) for c in changes] == [("a", "A2"), ("b", "B2")]
+  csv = tmp_path / "new.csv"
+  csv.write_text("fact_id,question,answer\na,,A3\n,q b?,B3\n")
+  assert [(c.find(facts).id, c.answer) for c in facts_cli.load_changes(csv)] == [("a", "A3"), ("b", "B3")]
+  for name, text, message in (
+      ("no-answer.jsonl", '{"id": "a"}\n', "no-answer.jsonl: line 1: 'answer' must be a non-empty"),
+      ("no-name.jsonl", '{"answer": "x"}\n', "no-name.jsonl: line 1: name the stored fact by 'id' or"),
+      ("bad.jsonl", '{"id": "a", "answer": "x"}\n{"id"\n', "bad.jsonl: line 2: invalid JSON"),
+      ("header.csv", "name,answer\nb,x\n", "header.csv: row 1 must be a header with 'answer' and 'id'"),
+      ("short.csv", "id,answer\na\n", "short.csv: row 2: expected 2 columns"),
+      ("empty.jsonl", "\n", "empty.jsonl: no facts"), ("new.txt", "", "must end in .jsonl")):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+      facts_cli.load_changes(tmp_path / name)
+  with pytest.raises(KeyError, match=r"line 1: no stored fact has id 'z'"):
+    facts_cli.load_changes(_jsonl(tmp_path / "z.jsonl", [{"id": "z", "answer": "x"}]))[0].find(facts)
+  wrong = _jsonl(tmp_path / "w.jsonl", [{"id": "a", "question": "q b?", "answer": "x"}])
+  with pytest.raises(ValueError, match=r"line 1: fact 'a' has the question 'q a\?', not 'q b\?'"):
+    facts_cli.load_changes(wrong)[0].find(facts)
+
+
 def _tiny_step_setup():
   cfg = ModelConfig(vocab_size=67, hidden_size=22, intermediate_size=37, num_layers=3, num_heads=4,
                     num_kv_heads=2, head_dim=6, max_position_embeddings=64, tie_word_embeddings=True)
@@ -264,45 +308,57 @@ def test_add_trains_only_the_rows_of_the_new_facts(added):
 
 @pytest.fixture(scope="module")
 def forgotten(added, tmp_path_factory):
+  """Two facts forgotten in one edit, one by id, one by question: the fact with the fewest
+  neighbours (none if there is one: then it is the base model's bit for bit) and, of the others
+  that do not neighbour it, the one with the most (its shared rows retrain without it)."""
   src, _, _, manifest = added
   run_dir = _copy(src, tmp_path_factory.mktemp("forgotten") / "run")
   stored = registry.load_facts(runs.RunDir(run_dir).paths(LABEL).store, manifest)
   near = registry.neighbour_map(stored)
-  # A fact with no neighbour if there is one: then it is the base model's bit for bit.
-  victim = min(stored, key=lambda f: (len(near[f.id]), f.id))
+  lone = min(stored, key=lambda f: (len(near[f.id]), f.id))
+  crowded = max((f for f in stored if f.id != lone.id and f.id not in near[lone.id]),
+                key=lambda f: (len(near[f.id]), f.id))
   before = _table(run_dir)
-  result, manifest = facts_cli.forget(run_dir, fact_id=victim.id)
-  return run_dir, before, victim, stored, result, manifest
+  result, manifest = facts_cli.forget(run_dir, fact_id=[lone.id], question=[crowded.question])
+  return run_dir, before, (lone, crowded), stored, result, manifest
 
 
 @pytest.mark.slow
-def test_forget_zeroes_the_fact_s_own_rows(forgotten):
-  run_dir, before, victim, stored, result, manifest = forgotten
-  others = [f for f in stored if f.id != victim.id]
+def test_forget_of_a_batch_zeroes_the_rows_only_it_writes(forgotten):
+  run_dir, before, victims, stored, result, manifest = forgotten
+  gone = {v.id for v in victims}
+  others = [f for f in stored if f.id not in gone]
   assert [f.id for f in registry.load_facts(runs.RunDir(run_dir).paths(LABEL).store, manifest)] == [
       f.id for f in others]
-  mine = np.asarray(victim.experts[LAYER])
-  alone = np.setdiff1d(mine, np.concatenate([f.experts[LAYER] for f in others]))
+  mine = np.unique(np.concatenate([v.experts[LAYER] for v in victims]))
+  theirs = np.concatenate([f.experts[LAYER] for f in others])
+  alone, shared = np.setdiff1d(mine, theirs), np.intersect1d(mine, theirs)
+  np.testing.assert_array_equal(result.changed, mine)
   np.testing.assert_array_equal(result.zeroed, alone)
   after = _table(run_dir)
-  assert not np.any(after["down"][alone]) and not np.any(after["up"][alone])
-  rest = np.setdiff1d(np.arange(len(after["up"])), mine)
   for leaf in ("down", "up"):
+    assert not np.any(after[leaf][alone].view(np.uint32))  # +0.0, bit for bit
+    rest = np.setdiff1d(np.arange(len(after[leaf])), mine)
     np.testing.assert_array_equal(after[leaf][rest], before[leaf][rest])
-  records = [r for r in STORED + NEW if r["id"] != victim.id]
-  recalled, answers = _recall(run_dir, records)
+  # One retraining for the batch: the shared rows, on the remaining facts that use them.
+  assert shared.size and len(result.trainings) == 1
+  (training,) = result.trainings
+  assert training.rows == shared.size and set(training.facts) == {
+      f.id for f in registry.neighbours(others, {LAYER: shared})}
+  recalled, answers = _recall(run_dir, [r for r in STORED + NEW if r["id"] not in gone])
   assert all(recalled.values()), answers
-  gone, _ = _recall(run_dir, [r for r in STORED + NEW if r["id"] == victim.id])
-  assert not gone[victim.id] and result.removed_recalled is False
-  # The forgotten fact's answer loss is the base model's.
+  assert result.removed_recalled == {v.id: False for v in victims}
+  assert not any(_recall(run_dir, [r for r in STORED + NEW if r["id"] in gone])[0].values())
+  # The lone fact shared no row (2^16 experts leave some facts without neighbours), so at its
+  # answer positions the MoME adds exactly 0: the model whose table is all zeros, bit for bit,
+  # and its answer loss is the base model's.
+  lone = victims[0]
+  assert not np.intersect1d(lone.experts[LAYER], theirs).size
   trained = runs.load_trained(run_dir, LABEL)
-  enc = encoding.encode_facts(trained.backbone.tokenizer, trained.template, [edit_lib.as_fact(victim)], 256)
+  enc = encoding.encode_facts(trained.backbone.tokenizer, trained.template, [edit_lib.as_fact(lone)], 256)
   loss = eval_lib.fact_losses(trained.model, trained.variables, enc)
   base = eval_lib.fact_losses(model_lib.Transformer(trained.backbone.cfg),
                               {"params": trained.backbone.params}, enc)
-  # It shared no row (2^16 experts leave some facts without neighbours), so at its answer
-  # positions the MoME adds exactly 0: the model whose table is all zeros, bit for bit.
-  assert len(alone) == len(mine) and not result.trainings
   zero = jax.tree.map(jnp.zeros_like, trained.variables[layer_lib.TABLE])
   assert loss[0] == eval_lib.fact_losses(trained.model, {**trained.variables, layer_lib.TABLE: zero}, enc)[0]
   np.testing.assert_allclose(loss, base, rtol=1e-6)
@@ -310,11 +366,12 @@ def test_forget_zeroes_the_fact_s_own_rows(forgotten):
 
 @pytest.mark.slow
 def test_an_edited_run_exports_its_memory_rows_and_registry(forgotten, tmp_path):
-  run_dir, _, victim, _, _, manifest = forgotten
+  run_dir, _, victims, _, _, manifest = forgotten
   out = export.export_checkpoint(run_dir, tmp_path / "export", "mome", adapter=LABEL)
   store = runs.RunDir(run_dir).paths(LABEL).store
   assert (out / export.FACTS_FILE).read_text() == (store / manifest.registry).read_text()
-  assert victim.id not in {json.loads(line)["id"] for line in (out / export.FACTS_FILE).open()}
+  exported = {json.loads(line)["id"] for line in (out / export.FACTS_FILE).open()}
+  assert not exported & {v.id for v in victims}
   table = _table(run_dir)
   written = np.flatnonzero(np.any(table["up"] != 0, axis=(1, 2)))
   stored_rows = hf.Checkpoint(out).read("model.layers.4.mlp.mome.rows")
@@ -324,25 +381,36 @@ def test_an_edited_run_exports_its_memory_rows_and_registry(forgotten, tmp_path)
   trained = runs.load_trained(run_dir, LABEL)
   model, variables, _ = export.load_export(out)
   tokens = jnp.asarray(encoding.encode_facts(trained.backbone.tokenizer, trained.template,
-                                             _facts([r for r in STORED if r["id"] != victim.id]),
+                                             _facts([r for r in STORED if r["id"] in exported]),
                                              64)[0].tokens)[None]
   np.testing.assert_array_equal(np.asarray(model.apply(variables, tokens)[0]),
                                 np.asarray(trained.model.apply(trained.variables, tokens)[0]))
 
 
 @pytest.mark.slow
-def test_update_recalls_the_new_answer_and_not_the_old(added, tmp_path_factory):
+def test_update_of_a_batch_recalls_the_new_answers_and_not_the_old(added, tmp_path_factory, capsys):
   src, _, _, manifest = added
   run_dir = _copy(src, tmp_path_factory.mktemp("updated") / "run")
-  old = STORED[2]
-  result, manifest = facts_cli.update(run_dir, "ZZ9PLQ", fact_id=old["id"])
-  stored = registry.load_facts(runs.RunDir(run_dir).paths(LABEL).store, manifest)
-  entry = registry.find(stored, fact_id=old["id"])
-  assert entry.answer == "ZZ9PLQ" and entry.updated and [f.id for f in stored] == [
-      r["id"] for r in STORED + NEW]
-  recalled, answers = _recall(run_dir, [{**old, "answer": "ZZ9PLQ"}] + [r for r in STORED + NEW if r != old])
+  store = runs.RunDir(run_dir).paths(LABEL).store
+  was = {f.id: f for f in registry.load_facts(store, manifest)}
+  old = [STORED[2], NEW[1]]
+  new = [{**old[0], "answer": "ZZ9PLQ"}, {**old[1], "answer": "YY8KMR"}]
+  changes = _jsonl(run_dir.parent / "changes.jsonl", [  # one named by id, one by question
+      {"id": new[0]["id"], "answer": new[0]["answer"]},
+      {"question": new[1]["question"], "answer": new[1]["answer"]}])
+  assert facts_cli.main(["update", "--run-dir", str(run_dir), "--facts", str(changes), "--json",
+                         "--no-progress"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["removed_answer_recalled"] == {r["id"]: False for r in old}
+  assert 1 <= len(report["trainings"]) <= 2  # one forget (when rows are shared), one add
+  stored = registry.load_facts(store, registry.read_manifest(store))
+  assert [f.id for f in stored] == [r["id"] for r in STORED + NEW]  # ids and places kept
+  for r in new:
+    entry = registry.find(stored, fact_id=r["id"])
+    assert entry.answer == r["answer"] and entry.updated and entry.added == was[r["id"]].added
+  recalled, answers = _recall(run_dir, new + [r for r in STORED + NEW if r not in old])
   assert all(recalled.values()), answers
-  assert not _recall(run_dir, [old])[0][old["id"]] and result.removed_recalled is False
+  assert not any(_recall(run_dir, old)[0].values())
 
 
 def _bad(args, capsys):
@@ -354,15 +422,31 @@ def _bad(args, capsys):
 def test_bad_input_is_an_error_that_changes_nothing(added, tmp_path, capsys):
   run_dir = str(added[0])
   store = runs.RunDir(run_dir).paths(LABEL).store
-  state = (store / registry.MANIFEST).read_text()
+  files = lambda: {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+  state = files()
   conflicting = _jsonl(tmp_path / "conflict.jsonl",
                        [FACTS[8], {**FACTS[8], "id": "other", "answer": "NOPE12"}])
+  changes = lambda name, *records: str(_jsonl(tmp_path / name,
+                                              [{"answer": "NEW123", **r} for r in records]))
   cases = [
       (["show", "--id", "nope"], "no stored fact has id 'nope'"),
       (["forget", "--id", "nope"], "no stored fact has id 'nope'"),
+      (["forget", "--id", "f1", "--id", "nope"], "no stored fact has id 'nope'"),
+      (["forget", "--id", "f1", "--id", "f2", "--id", "f1"],
+       "fact 'f1' is named twice among the facts to forget"),
+      (["forget", "--id", "f0", "--question", FACTS[0]["question"]], "fact 'f0' is named twice"),
+      (["forget"], "name the facts to forget by --id or --question"),
       (["update", "--question", "What is the code of Zed?", "--answer", "X"],
        "no stored fact has question 'What is the code of Zed\\?'"),
       (["update", "--id", "f1", "--answer", CODES[1]], "already has the answer"),
+      (["update", "--id", "f1"], "with its --answer, or give a file of new answers with --facts"),
+      (["update", "--facts", changes("a.jsonl", {"id": "f1"}), "--id", "f1"], "leave out --id"),
+      (["update", "--facts", changes("b.jsonl", {"id": "f1"}, {"id": "nope"})],
+       "b.jsonl: line 2: no stored fact has id 'nope'"),
+      (["update", "--facts", changes("c.jsonl", {"id": "f1"}, {"question": FACTS[1]["question"]})],
+       "c.jsonl: fact 'f1' is named twice among the facts to update"),
+      (["update", "--facts", changes("d.jsonl", {"id": "f1"}, {"id": "f2", "answer": CODES[2]})],
+       "d.jsonl: fact 'f2' already has the answer 'SV9ZWT'"),
       (["add", "--facts", str(_jsonl(tmp_path / "dup.jsonl", [{**FACTS[0], "id": "again"}]))],
        "is already stored as fact 'f0'"),
       (["add", "--facts", str(_jsonl(tmp_path / "dupid.jsonl", [{**FACTS[8], "id": "f0"}]))],
@@ -373,7 +457,7 @@ def test_bad_input_is_an_error_that_changes_nothing(added, tmp_path, capsys):
     rc, err = _bad([args[0], "--run-dir", run_dir] + args[1:], capsys)
     assert rc == 2 and err.startswith("error: "), (args, err)
     assert re.search(message, err), (args, err)
-    assert (store / registry.MANIFEST).read_text() == state
+    assert files() == state, args
   # Not a MoME model; a MoME run whose configuration cannot be edited.
   lora = _copy(added[0], tmp_path / "lora")
   shutil.rmtree(lora / runs.MOME_DIR)
@@ -391,12 +475,15 @@ def test_bad_input_is_an_error_that_changes_nothing(added, tmp_path, capsys):
 @pytest.mark.slow
 def test_sigkill_leaves_the_state_before_or_after(tiny_run, tmp_path):
   before = _table(tiny_run)
-  new_file = _jsonl(tmp_path / "new.jsonl", NEW)
+  stored = registry.load_facts(runs.RunDir(tiny_run).paths(LABEL).store,
+                               registry.read_manifest(runs.RunDir(tiny_run).paths(LABEL).store))
+  near = registry.neighbour_map(stored)
+  lone = min(stored, key=lambda f: (len(near[f.id]), f.id))  # forgotten without training, if it can be
   procs = {}
   for stage in registry.STAGES:
     run_dir = _copy(tiny_run, tmp_path / stage)
-    cmd = [sys.executable, "-m", "lamini_jax.facts", "add", "--run-dir", str(run_dir), "--facts",
-           str(new_file), "--epochs", "1", "--no-progress"]
+    cmd = [sys.executable, "-m", "lamini_jax.facts", "forget", "--run-dir", str(run_dir), "--id", lone.id,
+           "--epochs", "1", "--no-progress"]
     env = {**os.environ, registry.KILL_ENV: stage}
     procs[stage] = (run_dir, subprocess.Popen(cmd, cwd=runs.REPO, env=env, stdout=subprocess.DEVNULL,
                                               stderr=subprocess.PIPE))
@@ -408,7 +495,7 @@ def test_sigkill_leaves_the_state_before_or_after(tiny_run, tmp_path):
     table = _table(run_dir)
     ids = [f.id for f in registry.load_facts(store, manifest)]
     if stage == "manifest":  # committed: the new version, whose table differs only in its rows
-      assert manifest.version == 1 and ids == [r["id"] for r in STORED + NEW]
+      assert manifest.version == 1 and ids == [r["id"] for r in STORED if r["id"] != lone.id]
       rows = registry.load_rows(store, manifest)[LAYER]["rows"]
       rest = np.setdiff1d(np.arange(len(table["up"])), rows)
       np.testing.assert_array_equal(table["up"][rest], before["up"][rest])

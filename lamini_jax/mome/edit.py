@@ -9,16 +9,18 @@ changes only rows of the facts it edits:
           (phase 2's step with a per-slot focus), on the new facts and their neighbours
           (the stored facts whose answer positions select a row of E), until every one is
           recalled exactly or the epochs run out.
-  forget  rows only the fact writes go back to untrained, down = up = 0 (a keyed expert
-          then adds exactly 0); rows it shared are re-keyed to the facts that remain and
-          retrained from up = 0 on the remaining facts that use them, so nothing the
-          forgotten fact wrote stays in the table.
-  update  forget, then add with the new answer under the same id.
+  forget  a batch of facts: rows only they write go back to untrained, down = up = 0 (a
+          keyed expert then adds exactly 0); rows they share with facts that remain are
+          re-keyed to those and retrained from up = 0, in one retraining for the batch, on the
+          remaining facts that use them, so nothing a forgotten fact wrote stays in the table.
+  update  a batch of (fact, new answer): forget them all, then add them all with their new
+          answers under the same ids (two retrainings for the batch).
 
 Every other row keeps its value bit for bit, so an edit costs in proportion to the edited
 facts and their neighbours, not to the facts stored. The backbone, router and balance never
-change. Supported: one keyed MoME layer, phase 1 off, `mome.train_slot_choice` 'first'
-(`check_supported`). The table passed to an edit is donated: use the one it returns.
+change. A bad batch (`check_edits`) is an error before anything changes. Supported: one keyed
+MoME layer, phase 1 off, `mome.train_slot_choice` 'first' (`check_supported`). The table passed
+to an edit is donated (its buffers are written in place): use the one the edit returns.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,6 +47,7 @@ from lamini_jax.mome.layer import BALANCE, ROUTER, TABLE
 from lamini_jax.mome import registry
 from lamini_jax.mome.registry import StoredFact
 from lamini_jax.mome.router import route_jit
+from lamini_jax.mome.sparse_optim import LEAVES
 from lamini_jax.mome.steps import make_tuning_step
 from lamini_jax.mome.table import key_rows
 from lamini_jax.mome.tuning import batch_routes, focus_slots, tuning_state
@@ -126,7 +130,7 @@ class Edit:
   `changed`: the rows of the layer this edit wrote (keyed, trained or zeroed); every other
   row is bit for bit as before. `recalled`: exact recall, after the edit, of every fact it
   trained or whose answer positions select a changed row. `removed_recalled`: for forget
-  and update, whether the removed answer is still produced.
+  and update, by id, whether the removed answer is still produced.
   """
 
   table: Any
@@ -135,7 +139,7 @@ class Edit:
   trainings: tuple[Training, ...]
   recalled: dict[str, bool]
   zeroed: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
-  removed_recalled: bool | None = None
+  removed_recalled: dict[str, bool] | None = None
 
   def summary(self) -> dict[str, Any]:
     return {"facts": len(self.facts), "rows_changed": int(self.changed.size),
@@ -183,11 +187,20 @@ def recalled(ed: Editor, table: Any, facts: Sequence[facts_lib.Fact]) -> dict[st
   return {f.fact_id: bool(ok) for f, ok in zip(facts, rec.exact)}
 
 
-def _set_rows(table: Any, path: tuple[str, ...], rows: np.ndarray, leaves: Sequence[str]) -> Any:
+def _zero_rows(table: Any, path: tuple[str, ...], rows: np.ndarray, leaves: tuple[str, ...]) -> Any:
+  """The table with `rows` of `leaves` set to 0 in place: the layer passed is donated."""
+  if not len(rows):
+    return table
   layer = tree_get(table, path)
-  idx = jnp.asarray(rows, jnp.int32)
-  layer = {k: (v.at[idx].set(0) if k in leaves else v) for k, v in layer.items()}
-  return tree_set(table, path, layer)
+  idx_M = np.full(1 << (len(rows) - 1).bit_length(), len(layer["up"]), np.int32)  # pad: dropped
+  idx_M[:len(rows)] = rows
+  return tree_set(table, path, _zeroed(layer, jnp.asarray(idx_M), leaves))
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+def _zeroed(layer: dict[str, jax.Array], idx_M: jax.Array, leaves: tuple[str, ...]
+            ) -> dict[str, jax.Array]:
+  return {k: v.at[idx_M].set(0, mode="drop") if k in leaves else v for k, v in layer.items()}
 
 
 def retrain(ed: Editor, table: Any, facts: Sequence[facts_lib.Fact], rows: np.ndarray, *,
@@ -198,18 +211,19 @@ def retrain(ed: Editor, table: Any, facts: Sequence[facts_lib.Fact], rows: np.nd
   `reset_up`: the rows start from up = 0. Training is phase 2's (`make_tuning_step`, the run's
   `mome.train` optimizer, margin and anchors) with a focus on the slots whose expert is one
   of `rows`, and stops once every fact is recalled exactly (checked every `recall_every`
-  epochs) or after `epochs`.
+  epochs) or after `epochs`. `table` is donated: keying, the reset and training write into
+  its buffers, and no copy of the layer is made.
   """
   train_lib.release_freed_host_memory()  # the tables earlier edits freed (docs/sequential.md)
   t0 = time.perf_counter()
   spec, model = ed.spec, ed.model
   encoded = ed.encode(facts)
   x_PxD, idx_PxK, _ = answer_routes(ed, table, encoded)
-  layer = {k: jnp.copy(v) for k, v in tree_get(table, ed.path).items()}  # key_rows donates its table
-  layer = key_rows(layer, idx_PxK[:, :spec.train_slots], x_PxD, model.mome, spec.key_match, only=rows)
+  layer = key_rows(tree_get(table, ed.path), idx_PxK[:, :spec.train_slots], x_PxD, model.mome,
+                   spec.key_match, only=rows)  # donates the layer: written in place
   table = tree_set(table, ed.path, layer)
   if reset_up:
-    table = _set_rows(table, ed.path, rows, ("up",))
+    table = _zero_rows(table, ed.path, rows, ("up",))
   train_cfg = spec.train
   longest = max(len(e.tokens) for e in encoded)
   bucket = train_cfg.length_bucket or 1
@@ -217,7 +231,7 @@ def retrain(ed: Editor, table: Any, facts: Sequence[facts_lib.Fact], rows: np.nd
                                   seq_len=max(train_cfg.seq_len, -(-longest // bucket) * bucket))
   most = max(int(np.count_nonzero(e.loss_mask[1:])) for e in encoded)
   tx, step = _tuning_step(model, spec, -(-most // 16) * 16, ed.anchors is not None)
-  state = tuning_state(table, tx, train_cfg.seed, None, ("up",))
+  state = tuning_state(table, tx, train_cfg.seed, None, ("up",), copy=False)  # donated
   frozen = ed.frozen if ed.anchors is None else {**ed.frozen, ANCHOR: ed.anchors}
   routes_FxTxK = token_routes(model, ed.variables(table),
                               batch_lib.stack_encoded(encoded, longest, ed.pad_id)[0])
@@ -277,6 +291,12 @@ def checked_new_facts(stored: Sequence[StoredFact], new: Sequence[facts_lib.Fact
   return kept
 
 
+def _written(facts: Sequence[StoredFact], layer: str) -> np.ndarray:
+  """The sorted rows of `layer` that any of `facts` writes."""
+  return np.unique(np.concatenate([np.asarray(f.experts.get(layer, ()), np.int64) for f in facts]
+                                  + [np.zeros(0, np.int64)]))
+
+
 def add(ed: Editor, table: Any, stored: Sequence[StoredFact], new: Sequence[facts_lib.Fact], *,
         epochs: int, recall_every: int = 1, progress: bool = False, added: str | None = None,
         source: str = "the new facts") -> Edit:
@@ -284,26 +304,54 @@ def add(ed: Editor, table: Any, stored: Sequence[StoredFact], new: Sequence[fact
   new = checked_new_facts(stored, new, source)
   encoded = ed.encode(new)
   entries = stored_facts(ed, table, new, added or registry.now(), encoded)
-  rows = np.unique(np.concatenate([np.asarray(e.experts[ed.layer], np.int64) for e in entries]))
+  rows = _written(entries, ed.layer)
   near = registry.neighbours(stored, {ed.layer: rows})
   table, training = retrain(ed, table, list(new) + [as_fact(s) for s in near], rows, reset_up=False,
                             epochs=epochs, recall_every=recall_every, progress=progress)
   return Edit(table, tuple(stored) + tuple(entries), rows, (training,), dict(training.recalled))
 
 
-def forget(ed: Editor, table: Any, stored: Sequence[StoredFact], fact: StoredFact, *, epochs: int,
-           recall_every: int = 1, progress: bool = False) -> Edit:
-  """Removes `fact`: its own rows to untrained (down = up = 0), its shared rows retrained without it."""
-  rest = [s for s in stored if s.id != fact.id]
-  if len(rest) == len(stored):
-    raise KeyError(f"fact {fact.id!r} is not stored")
-  mine = np.asarray(fact.experts.get(ed.layer, ()), np.int64)
+def check_edits(stored: Sequence[StoredFact], forget: Sequence[StoredFact] = (),
+                update: Sequence[tuple[StoredFact, str]] = ()) -> None:
+  """Checks a batch of edits before anything changes; each error names the fact id.
+
+  Errors: an id not stored; an id named twice among the facts to forget, among the facts to
+  update, or in both; a new answer that is empty or the stored one.
+  """
+  by_id = {s.id: s for s in stored}
+  seen: dict[str, str] = {}
+  for what, fact, answer in ([("forget", f, None) for f in forget]
+                             + [("update", f, a) for f, a in update]):
+    if fact.id not in by_id:
+      raise KeyError(f"fact {fact.id!r} is not stored (`python -m lamini_jax.facts list` shows the "
+                     f"{len(stored)} stored facts)")
+    if fact.id in seen:
+      raise ValueError(f"fact {fact.id!r} is named twice among the facts to {what}: name it once"
+                       if seen[fact.id] == what else
+                       f"fact {fact.id!r} is both forgotten and updated in one edit: do one of them")
+    seen[fact.id] = what
+    if answer is not None and not answer.strip():
+      raise ValueError(f"the new answer of fact {fact.id!r} is empty")
+    if answer is not None and answer.strip() == by_id[fact.id].answer:
+      raise ValueError(f"fact {fact.id!r} already has the answer {by_id[fact.id].answer!r}: nothing "
+                       "to update")
+
+
+def forget(ed: Editor, table: Any, stored: Sequence[StoredFact], facts: Sequence[StoredFact], *,
+           epochs: int, recall_every: int = 1, progress: bool = False) -> Edit:
+  """Removes `facts` in one edit: the rows only they write go back to untrained (down = up = 0);
+  the rows they share with facts that remain are retrained without them, in one retraining."""
+  if not facts:
+    raise ValueError("no facts to forget")
+  check_edits(stored, forget=facts)
+  gone = {f.id for f in facts}
+  victims = [s for s in stored if s.id in gone]  # as the registry holds them
+  rest = [s for s in stored if s.id not in gone]
+  mine = _written(victims, ed.layer)
   near = registry.neighbours(rest, {ed.layer: mine})
-  written = np.concatenate([np.asarray(s.experts.get(ed.layer, ()), np.int64) for s in near] or
-                           [np.zeros(0, np.int64)])
-  shared = np.intersect1d(mine, written)
+  shared = np.intersect1d(mine, _written(near, ed.layer))
   alone = np.setdiff1d(mine, shared)
-  table = _set_rows(table, ed.path, alone, ("down", "up"))
+  table = _zero_rows(table, ed.path, alone, LEAVES)
   trainings: tuple[Training, ...] = ()
   if shared.size:
     users = registry.neighbours(rest, {ed.layer: shared})
@@ -312,31 +360,32 @@ def forget(ed: Editor, table: Any, stored: Sequence[StoredFact], fact: StoredFac
     trainings = (training,)
   checked = {k: v for t in trainings for k, v in t.recalled.items()}
   checked.update(recalled(ed, table, [as_fact(s) for s in near if s.id not in checked]))
-  gone = recalled(ed, table, [as_fact(fact)])[fact.id]
-  return Edit(table, tuple(rest), mine, trainings, checked, alone, gone)
+  removed = recalled(ed, table, [as_fact(s) for s in victims])
+  return Edit(table, tuple(rest), mine, trainings, checked, alone, removed)
 
 
-def update(ed: Editor, table: Any, stored: Sequence[StoredFact], fact: StoredFact, answer: str, *,
-           epochs: int, recall_every: int = 1, progress: bool = False) -> Edit:
-  """A new answer for a stored fact: `forget`, then `add` under the same id and place."""
-  answer = answer.strip()
-  if not answer:
-    raise ValueError("--answer must be a non-empty string")
-  if answer == fact.answer:
-    raise ValueError(f"fact {fact.id!r} already has the answer {answer!r}: nothing to update")
-  removed = forget(ed, table, stored, fact, epochs=epochs, recall_every=recall_every,
-                   progress=progress)
-  new = facts_lib.Fact(fact.question, answer, fact.id)
-  added = add(ed, removed.table, removed.facts, [new], epochs=epochs, recall_every=recall_every,
-              progress=progress, added=fact.added, source=f"update of {fact.id!r}")
-  entry = dataclasses.replace(added.facts[-1], updated=registry.now())
-  place = {s.id: i for i, s in enumerate(stored)}
-  facts = sorted(added.facts[:-1] + (entry,), key=lambda s: place[s.id])
-  old = recalled(ed, added.table, [as_fact(fact)])[fact.id]
-  checked = {**removed.recalled, **added.recalled}
-  return Edit(added.table, tuple(facts), np.union1d(removed.changed, added.changed),
-              removed.trainings + added.trainings, checked, np.setdiff1d(removed.zeroed, added.changed),
-              old)
+def update(ed: Editor, table: Any, stored: Sequence[StoredFact],
+           changes: Sequence[tuple[StoredFact, str]], *, epochs: int, recall_every: int = 1,
+           progress: bool = False) -> Edit:
+  """New answers for stored facts, (fact, answer) pairs: `forget` them all, then `add` them all
+  under the same ids, places in the registry and `added` times (two retrainings in all)."""
+  if not changes:
+    raise ValueError("no facts to update")
+  check_edits(stored, update=changes)
+  was = {s.id: s for s in stored}
+  new = [facts_lib.Fact(was[f.id].question, answer.strip(), f.id) for f, answer in changes]
+  ids = {f.fact_id for f in new}
+  removed = forget(ed, table, stored, [was[f.fact_id] for f in new], epochs=epochs,
+                   recall_every=recall_every, progress=progress)
+  added = add(ed, removed.table, removed.facts, new, epochs=epochs, recall_every=recall_every,
+              progress=progress, source="update of " + ", ".join(repr(f.fact_id) for f in new))
+  stamp, place = registry.now(), {s.id: i for i, s in enumerate(stored)}
+  entries = [dataclasses.replace(s, added=was[s.id].added, updated=stamp)
+             if s.id in ids else s for s in added.facts]
+  old = recalled(ed, added.table, [as_fact(was[f.fact_id]) for f in new])
+  return Edit(added.table, tuple(sorted(entries, key=lambda s: place[s.id])),
+              np.union1d(removed.changed, added.changed), removed.trainings + added.trainings,
+              {**removed.recalled, **added.recalled}, np.setdiff1d(removed.zeroed, added.changed), old)
 
 
 def changed_rows(ed: Editor, table: Any, rows: np.ndarray) -> registry.Rows:

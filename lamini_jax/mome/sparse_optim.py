@@ -15,6 +15,7 @@ more than the touched rows of either leaf.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -31,11 +32,17 @@ LEAVES = ("down", "up")  # the leaves of a layer's table
 
 def init_expert_opt_state(table: Table, tx: optax.GradientTransformation, mesh: Mesh | None = None) -> Any:
   """Per-expert optimizer state: tx.init vmapped over rows (every leaf has leading N)."""
-  init = jax.vmap(tx.init)
   if mesh is None:
-    return jax.jit(init)(table)
+    return _jitted_init(tx)(table)
+  init = jax.vmap(tx.init)
   sharding.check_expert_sharded(table, mesh)
   return jax.jit(init, out_shardings=sharding.row_shardings(jax.eval_shape(init, table), mesh))(table)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(tx: optax.GradientTransformation) -> Callable[[Table], Any]:
+  """jit(vmap(tx.init)), one per optimizer: successive calls (`mome.edit`) reuse its compilation."""
+  return jax.jit(jax.vmap(tx.init))
 
 
 def row_grads(

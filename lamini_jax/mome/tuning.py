@@ -121,9 +121,15 @@ def _state(trainable: Any, opt_state: Any, seed: int, mesh: Mesh | None) -> trai
 
 
 def tuning_state(tables: Any, tx: optax.GradientTransformation, seed: int,
-                 mesh: Mesh | None = None, leaves: tuple[str, ...] = LEAVES) -> train_lib.TrainState:
-  """Phase-2 train state: a copy of the tables (the state is donated) and fresh row state of `leaves`."""
-  tables = jax.tree.map(jnp.copy, tables)
+                 mesh: Mesh | None = None, leaves: tuple[str, ...] = LEAVES, *,
+                 copy: bool = True) -> train_lib.TrainState:
+  """Phase-2 train state: the tables and fresh row state of `leaves`.
+
+  The step donates the state, so the tables are copied unless `copy=False`: then the caller
+  gives up `tables` (`mome.edit`, whose table is its own).
+  """
+  if copy:
+    tables = jax.tree.map(jnp.copy, tables)
   return _state(tables, init_row_state(tables, tx, mesh, leaves), seed, mesh)
 
 
