@@ -204,7 +204,7 @@ def build_step(cfg: ModelConfig, params: Any, method: str, bench: BenchConfig):
   if method == "lora":
     model = Transformer(cfg, lora=LoraConfig(rank=bench.lora_rank))
     opt_cfg = train_lib.OptimizerConfig()
-    state = lora_tuning.init_lora_state(model, opt_cfg.build(), bench.seed)
+    state = lora_tuning.init_lora_state(model, opt_cfg, bench.seed)
     return lora_tuning.make_lora_step(model, opt_cfg), state, params, count_params(state.trainable)
   spec = bench.mome_spec()
   model = mome_tuning.mome_model(cfg, spec, gather_apply=dispatch.get_gather_apply(bench.gather_apply))

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import pathlib
@@ -26,7 +25,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lamini_jax import checkpoint
@@ -39,6 +37,7 @@ from lamini_jax import facts as facts_cli
 from lamini_jax import lora_tuning
 from lamini_jax import model as model_lib
 from lamini_jax.mome import edit as edit_lib
+from lamini_jax.mome import edit_checks
 from lamini_jax.mome import registry
 from lamini_jax import recall as recall_lib
 from lamini_jax import runs
@@ -218,7 +217,7 @@ class Mome:
     t0, epochs, progress = time.perf_counter(), self.ctx.cfg.mome.train.epochs, self.ctx.progress
     find = lambda f: registry.find(self.stored, fact_id=f.fact_id)
     gone, changes = [find(f) for f in forget], [(find(f), f.answer) for f in update]
-    edit_lib.check_edits(self.stored, gone, changes)  # before the table is donated
+    edit_checks.check_edits(self.stored, gone, changes)  # before the table is donated
     removed = edit_lib.forget(self.editor, self.table, self.stored, gone, epochs=epochs,
                               progress=progress)
     r = edit_lib.update(self.editor, removed.table, removed.facts, changes, epochs=epochs,
@@ -228,14 +227,6 @@ class Mome:
     return self._commit(result, t0, f"forget {len(forget)}, update {len(update)} facts")
 
 
-@functools.lru_cache(maxsize=4)
-def _lora_state(optimizer_cfg: train_lib.OptimizerConfig):
-  """(adapters, rng) -> train state, fresh optimizer; jitted once (`init_lora_state` is per call)."""
-  optimizer = optimizer_cfg.build()
-  return jax.jit(lambda lora, rng: train_lib.TrainState(
-      step=jnp.zeros((), jnp.int32), trainable=lora, opt_state=optimizer.init(lora), rng=rng))
-
-
 class Lora:
   """LoRA continued (the previous adapters, the new facts) or retrained (from B = 0, every fact)."""
 
@@ -243,7 +234,7 @@ class Lora:
     self.ctx, self.name, self.continued = ctx, name, name == "lora-continued"
     self.model = lora_tuning.lora_model(ctx.backbone.cfg, ctx.cfg.lora)
     self.adapters, self.ckpt_dir = None, ctx.run_dir / name / "adapters"
-    first = lora_tuning.init_lora_state(self.model, ctx.cfg.train.optimizer.build(), ctx.cfg.train.seed)
+    first = lora_tuning.init_lora_state(self.model, ctx.cfg.train.optimizer, ctx.cfg.train.seed)
     self.initial, self.rng = jax.device_put(jax.device_get((first.trainable, first.rng)))
 
   def model_variables(self):
@@ -263,7 +254,7 @@ class Lora:
     hook = eval_lib.recall_callback(self.model, lambda s: {"params": bb.params, "lora": s.trainable},
                                     tok, facts, ctx.template, cfg.eval.recall_every, True)
     result = train_lib.fit(lora_tuning.make_lora_step(self.model, cfg.train.optimizer),
-                           _lora_state(cfg.train.optimizer)(start, self.rng), bb.params, encoded,
+                           lora_tuning.fresh_state(cfg.train.optimizer)(start, self.rng), bb.params, encoded,
                            dataclasses.replace(fitted.train, checkpoint_every=0), label=label,
                            pad_id=tok.pad_token_id or 0, progress=ctx.progress, on_epoch=hook)
     self.adapters = result.state.trainable

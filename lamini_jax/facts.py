@@ -49,6 +49,7 @@ from lamini_jax.checkpoint import Checkpointer
 from lamini_jax.data import facts as facts_lib
 from lamini_jax.data import sources
 from lamini_jax.mome import edit as edit_lib
+from lamini_jax.mome import edit_checks
 from lamini_jax.mome import registry
 from lamini_jax.mome.inputs import token_routes
 from lamini_jax.mome.layer import TABLE
@@ -77,7 +78,7 @@ class Target:
 
 
 def open_run(run_dir, label: str | None = None) -> Target:
-  """The run's MoME model, checked to be one that can be edited (`edit.check_supported`)."""
+  """The run's MoME model, checked to be one that can be edited (`edit_checks.check_supported`)."""
   run = runs.RunDir(run_dir)
   config = run.config()
   label = run.resolve_label(label)
@@ -86,7 +87,7 @@ def open_run(run_dir, label: str | None = None) -> Target:
                      "over all their weights: change a LoRA run's facts by tuning again, see "
                      "docs/memory-tuning.md#editing-memory)")
   try:
-    edit_lib.check_supported(config.mome)
+    edit_checks.check_supported(config.mome)
   except ValueError as e:
     raise ValueError(f"{run.config_file}: {e}") from None
   return Target(run, label, config)
@@ -98,7 +99,7 @@ def run_facts(target: Target) -> list[facts_lib.Fact]:
   if data.dataset == "facts":
     tuned = target.run.path / TUNE_FACTS
     facts = facts_lib.load_facts_file(tuned if tuned.is_file() else data.facts_file)
-    return edit_lib.checked_new_facts([], facts, str(tuned if tuned.is_file() else data.facts_file)
+    return edit_checks.checked_new_facts([], facts, str(tuned if tuned.is_file() else data.facts_file)
                                       )[:data.n_train]
   mode = target.label.rsplit("-", 1)[-1]
   if mode not in ("real", "random"):
@@ -190,7 +191,7 @@ def add(run_dir, facts_file, label: str | None = None, epochs: int | None = None
   new = facts_lib.load_facts_file(facts_file)
   n = _epochs(target, epochs)
   if registry.read_manifest(target.store) is not None:  # bad facts fail before any model loads
-    edit_lib.checked_new_facts(ensure_registry(target)[1], new, str(facts_file))
+    edit_checks.checked_new_facts(ensure_registry(target)[1], new, str(facts_file))
   return _edit(target, f"add {len(new)} facts from {facts_file}", lambda ed, table, stored: edit_lib.add(
       ed, table, stored, new, epochs=n, progress=progress, source=str(facts_file)))
 
@@ -202,10 +203,10 @@ def _names(value: str | Sequence[str] | None) -> list[str]:
 
 def _forgotten(stored: Sequence[registry.StoredFact], ids: Sequence[str],
                questions: Sequence[str]) -> list[registry.StoredFact]:
-  """The stored facts with these ids and questions, checked as one batch (`edit.check_edits`)."""
+  """The stored facts with these ids and questions, checked as one batch (`edit_checks.check_edits`)."""
   facts = ([registry.find(stored, fact_id=i) for i in ids]
            + [registry.find(stored, question=q) for q in questions])
-  edit_lib.check_edits(stored, forget=facts)
+  edit_checks.check_edits(stored, forget=facts)
   return facts
 
 
@@ -297,10 +298,10 @@ def _change(where: str, record: Any) -> Change:
 
 def _changes(stored: Sequence[registry.StoredFact], changes: Sequence[Change],
              source: str) -> list[tuple[registry.StoredFact, str]]:
-  """(stored fact, new answer) of every change, checked as one batch (`edit.check_edits`)."""
+  """(stored fact, new answer) of every change, checked as one batch (`edit_checks.check_edits`)."""
   out = [(c.find(stored), c.answer) for c in changes]
   try:
-    edit_lib.check_edits(stored, update=out)
+    edit_checks.check_edits(stored, update=out)
   except (KeyError, ValueError) as e:
     raise type(e)(f"{source}: {e.args[0]}" if source else e.args[0]) from None
   return out

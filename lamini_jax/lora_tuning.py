@@ -35,22 +35,36 @@ def abstract_lora(model: Transformer, seed: int = 0) -> Any:
   return nn.meta.unbox(abstract["lora"])
 
 
-def init_lora_state(model: Transformer, optimizer: optax.GradientTransformation,
+def init_lora_state(model: Transformer, optimizer_cfg: train_lib.OptimizerConfig,
                     seed: int) -> train_lib.TrainState:
   """LoRA variables (B = 0) and their optimizer state, without touching the backbone.
 
-  One jitted function builds the whole state: run eagerly, the optimizer's zeros and the
-  step counter compiled a dozen one-op programs.
+  One jitted function builds the whole state (run eagerly, the optimizer's zeros and the
+  step counter compiled a dozen one-op programs), compiled once per (model, optimizer
+  config) in a process: the seed is an argument.
   """
   abstract_lora(model, seed)  # checks that the model has adapters
+  return _jitted_init(model, optimizer_cfg)(jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: Transformer, optimizer_cfg: train_lib.OptimizerConfig) -> Callable:
+  fresh = fresh_state(optimizer_cfg)
 
   def init(key):
     lora = nn.meta.unbox(model.init({"params": key}, jnp.zeros((1, 1), jnp.int32))["lora"])
-    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), trainable=lora,
-                                opt_state=optimizer.init(lora),
-                                rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+    return fresh(lora, jax.random.key_data(jax.random.fold_in(key, 1)))
 
-  return jax.jit(init)(jax.random.key(seed))
+  return jax.jit(init)
+
+
+@functools.lru_cache(maxsize=8)
+def fresh_state(optimizer_cfg: train_lib.OptimizerConfig) -> Callable:
+  """(adapters, rng) -> a train state at step 0 with a fresh optimizer state; jitted once per
+  optimizer config (LoRA retrained from given adapters, or continued with a new optimizer)."""
+  optimizer = optimizer_cfg.build()
+  return jax.jit(lambda lora, rng: train_lib.TrainState(
+      step=jnp.zeros((), jnp.int32), trainable=lora, opt_state=optimizer.init(lora), rng=rng))
 
 
 @functools.lru_cache(maxsize=8)
@@ -85,8 +99,7 @@ def tune_lora(cfg: ModelConfig, params: Any, encoded: Sequence[encoding.EncodedF
               ) -> tuple[Transformer, dict[str, Any], train_lib.FitResult]:
   """Memorizes `encoded` facts into LoRA adapters; returns (model, variables, result)."""
   model = lora_model(cfg, lora)
-  optimizer = train_cfg.optimizer.build()
-  state = init_lora_state(model, optimizer, train_cfg.seed)
+  state = init_lora_state(model, train_cfg.optimizer, train_cfg.seed)
   step = make_lora_step(model, train_cfg.optimizer)
   result = train_lib.fit(step, state, params, encoded, train_cfg, pad_id=pad_id, label=label,
                          paths=paths, resume=resume, progress=progress, on_epoch=on_epoch,

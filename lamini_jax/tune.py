@@ -10,7 +10,9 @@ held-out data and nothing reads TruthfulQA or MMLU.
 
 Config: the defaults are the `train`, `lora` and `mome` sections and the prompt fields of `data`
 (`template`, `answer_end`, `train_eos`) of configs/randomization_cpu.yaml, without TruthfulQA
-questions among the MoME anchors (`mome.anchor.questions: 0`; the corpus windows stay).
+questions among the MoME anchors (`mome.anchor.questions: 0`; the corpus windows stay), and with
+few rows a fact (`TUNE_DEFAULTS`: `mome.train_slots: 2`, `mome.train_slot_choice:
+exclusive_unread`, `mome.key_match: 0.9`, `mome.train.optimizer.learning_rate: 1.0`).
 `--config FILE` (any `runs.RunConfig` sections) overrides them, `--set a.b=value` single fields.
 The flags set `model.path`, `method`, `run_dir` and the facts' `data` fields (`dataset: facts`,
 `facts_file`, `n_train`: every fact, `n_heldout: 0`), whatever a config says. Lengths follow the
@@ -54,7 +56,12 @@ FACTS_FILE = "facts.jsonl"  # in the run directory: the facts trained, one JSON 
 RESULT_FILE = "tune.json"  # in the run directory: recall and the facts not recalled
 DEFAULT_SECTIONS = ("train", "lora", "mome")  # of DEFAULT_CONFIG, with DEFAULT_DATA_FIELDS of `data`
 DEFAULT_DATA_FIELDS = ("template", "answer_end", "train_eos")
-TUNE_DEFAULTS = {"mome": {"anchor": {"questions": 0}}}  # no TruthfulQA questions among the anchors
+# Over DEFAULT_CONFIG: no TruthfulQA questions among the anchors, and a fact writes 2 rows per
+# answer position, chosen so that no other position writes or reads them where it can
+# (docs/mome.md#rows-per-fact): about 21 rows a synthetic fact instead of 24 per position.
+TUNE_DEFAULTS = {"mome": {"anchor": {"questions": 0}, "train_slots": 2,
+                          "train_slot_choice": "exclusive_unread", "key_match": 0.9,
+                          "train": {"optimizer": {"learning_rate": 1.0}}}}
 SET_BY_FLAGS = ("model.path", "method", "run_dir", "answers", "data.dataset", "data.facts_file",
                 "data.n_train", "data.n_heldout")
 LENGTH_BUCKET = 32  # lengths round up to this when the method's train.length_bucket is null

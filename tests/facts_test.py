@@ -23,8 +23,10 @@ from lamini_jax import facts as facts_cli
 from lamini_jax import hf
 from lamini_jax import model as model_lib
 from lamini_jax.mome import anchors as anchors_lib
+from lamini_jax.mome import collisions as collisions_lib
 from lamini_jax.mome import config as mome_config
 from lamini_jax.mome import edit as edit_lib
+from lamini_jax.mome import edit_checks
 from lamini_jax.mome import inputs as inputs_lib
 from lamini_jax.mome import layer as layer_lib
 from lamini_jax.mome import registry
@@ -32,6 +34,7 @@ from lamini_jax.mome import steps as steps_lib
 from lamini_jax.mome import table as table_lib
 from lamini_jax.mome import tuning as mome_tuning
 from lamini_jax import runs
+from lamini_jax import tune
 from lamini_jax import yaml_config
 
 LAYER = "layers_4/mome"
@@ -58,6 +61,27 @@ def test_key_rows_only_keys_the_rows_asked_for():
   rest = np.setdiff1d(np.arange(16), only)
   np.testing.assert_array_equal(some["down"][rest], before["down"][rest])
   np.testing.assert_array_equal(some["up"], before["up"])
+
+
+def test_fires_at_is_the_brute_force_over_positions_that_share_an_expert():
+  rng = np.random.default_rng(0)
+  for _ in range(10):
+    x_PxD = rng.normal(size=(7, 5))
+    x_QxD = (x_PxD[rng.integers(0, 7, 9)] * rng.uniform(0.5, 1.5, (9, 1))
+             + 0.3 * rng.normal(size=(9, 5)))
+    idx_PxK, idx_QxK = rng.integers(0, 12, (7, 4)), rng.integers(0, 12, (9, 4))
+    want = np.array([[any(idx_PxK[p, k] in idx_QxK[q] and x_QxD[q] @ x_PxD[p] > 0.9 * x_PxD[p] @ x_PxD[p]
+                          for q in range(9)) for k in range(4)] for p in range(7)])
+    assert want.any() and not want.all()
+    np.testing.assert_array_equal(collisions_lib.fires_at(x_PxD, idx_PxK, x_QxD, idx_QxK, 0.9), want)
+  # The choice takes a free expert that would not fire first, then a free one that would.
+  idx, w = np.array([[4, 6, 8]]), np.array([[.5, .3, .2]])
+  avoid = np.array([[False, True, False]])
+  np.testing.assert_array_equal(collisions_lib.exclusive_slots(idx, w, 1, avoid=avoid), [[1, 0, 0]])
+  np.testing.assert_array_equal(collisions_lib.exclusive_slots(idx, w, 1, taken=[4], avoid=avoid),
+                                [[0, 0, 1]])
+  np.testing.assert_array_equal(collisions_lib.exclusive_slots(idx, w, 2, taken=[4, 8], avoid=avoid),
+                                [[1, 1, 0]])  # free before taken, whether it would fire or not
 
 
 def _stored(fid, rows, reads=()):
@@ -100,7 +124,7 @@ def test_registry_commit_neighbours_and_errors(tmp_path):
 def test_a_bad_batch_of_edits_is_an_error_that_names_the_fact():
   facts = [_stored("a", [1, 2]), _stored("b", [2, 3]), _stored("c", [5])]
   a, b, c = facts
-  edit_lib.check_edits(facts, [a, c], [(b, "new b")])  # a good batch
+  edit_checks.check_edits(facts, [a, c], [(b, "new b")])  # a good batch
   for forget, update, error, message in (
       ([_stored("x", [1])], [], KeyError, "fact 'x' is not stored"),
       ([a, b, a], [], ValueError, "fact 'a' is named twice among the facts to forget"),
@@ -109,7 +133,7 @@ def test_a_bad_batch_of_edits_is_an_error_that_names_the_fact():
       ([], [(a, "new a"), (b, " a b ")], ValueError, "fact 'b' already has the answer 'a b'"),
       ([], [(c, "  ")], ValueError, "the new answer of fact 'c' is empty")):
     with pytest.raises(error, match=message):
-      edit_lib.check_edits(facts, forget, update)
+      edit_checks.check_edits(facts, forget, update)
   for edit, batch in ((edit_lib.forget, []), (edit_lib.update, [])):
     with pytest.raises(ValueError, match="no facts to"):
       edit(None, None, facts, batch, epochs=1)
@@ -411,6 +435,61 @@ def test_update_of_a_batch_recalls_the_new_answers_and_not_the_old(added, tmp_pa
   recalled, answers = _recall(run_dir, new + [r for r in STORED + NEW if r not in old])
   assert all(recalled.values()), answers
   assert not any(_recall(run_dir, old)[0].values())
+
+
+@pytest.fixture(scope="module")
+def exclusive_run(stories_dir, tmp_path_factory):
+  """`lamini_jax.tune`'s few-rows selection (2 slots a position, chosen exclusively), the 6 facts
+  tuned and the 2 new ones added; the choice `exclusive` (not `_unread`), so that new rows can
+  be rows stored facts read."""
+  root = tmp_path_factory.mktemp("exclusive")
+  sets = ["mome.train_slot_choice=exclusive"] + TINY[5:]
+  args = ["--model", str(stories_dir), "--facts", str(_jsonl(root / "facts.jsonl", STORED)),
+          "--method", "mome", "--run-dir", str(root / "run"), "--no-progress"]
+  assert tune.main(args + [a for item in sets for a in ("--set", item)]) == 0
+  trained = runs.load_trained(root / "run", LABEL)
+  logits = lambda t, r: np.asarray(t.model.apply(t.variables, jnp.asarray(encoding.encode_facts(
+      t.backbone.tokenizer, t.template, _facts([r]), 64)[0].tokens)[None])[0])
+  before = {r["id"]: logits(trained, r) for r in STORED}
+  table = _table(root / "run")
+  result, manifest = facts_cli.add(root / "run", _jsonl(root / "new.jsonl", NEW))
+  after = runs.load_trained(root / "run", LABEL)
+  return root / "run", table, result, manifest, before, {r["id"]: logits(after, r) for r in STORED}
+
+
+@pytest.mark.slow
+def test_an_add_with_exclusive_slots_changes_no_fact_it_does_not_train(exclusive_run):
+  run_dir, before, result, manifest, logits_before, logits_after = exclusive_run
+  cfg = runs.RunDir(run_dir).config().mome
+  assert (cfg.train_slots, cfg.train_slot_choice, cfg.key_match) == (2, "exclusive", 0.9)  # tune's
+  stored = registry.load_facts(runs.RunDir(run_dir).paths(LABEL).store, manifest)
+  for f in stored:  # two slots a position, as the registry records them; the others are read
+    assert all(len(p) == 2 for p in f.slots[LAYER]) and len(f.experts[LAYER]) <= 2 * len(f.slots[LAYER])
+  new_rows = np.unique(np.concatenate([f.experts[LAYER] for f in stored[6:]]))
+  old = stored[:6]
+  assert not np.intersect1d(new_rows, np.concatenate([f.experts[LAYER] for f in old])).size
+  # The new rows change, and the rows of the stored facts a new row fires at (they train too).
+  assert np.isin(new_rows, result.changed).all()
+  old_rows = np.concatenate([f.experts[LAYER] for f in old])
+  # The registry made from the tuned run names the rows its training keyed (the same choice).
+  np.testing.assert_array_equal(np.flatnonzero(np.any(before["down"] != 0, axis=(1, 2))),
+                                np.unique(old_rows))
+  assert np.isin(np.setdiff1d(result.changed, new_rows), old_rows).all()
+  after = _table(run_dir)
+  rest = np.setdiff1d(np.arange(len(after["up"])), result.changed)
+  for leaf in ("down", "up"):
+    np.testing.assert_array_equal(after[leaf][rest], before[leaf][rest])
+  # A stored fact trains when a changed row fires at one of its answer positions; every stored
+  # fact that did not train gives the same logits as before, bit for bit.
+  (training,) = result.trainings
+  readers = {f.id for f in registry.neighbours(old, {LAYER: new_rows})}
+  assert {"f6", "f7"} <= set(training.facts) <= {"f6", "f7"} | readers
+  untouched = [r["id"] for r in STORED if r["id"] not in training.facts]
+  assert untouched
+  for fid in untouched:
+    np.testing.assert_array_equal(logits_after[fid], logits_before[fid])
+  recalled, answers = _recall(run_dir, STORED + NEW)
+  assert all(recalled.values()), answers
 
 
 def _bad(args, capsys):

@@ -26,7 +26,7 @@ def test_peft_batch_loss_at_step_zero_is_ours(stories, stories_dir):
   with torch.no_grad():
     theirs = float(model(**batch).loss)
   ours_model = lora_tuning.lora_model(cfg_model, cfg.lora)
-  state = lora_tuning.init_lora_state(ours_model, cfg.train.optimizer.build(), seed=0)
+  state = lora_tuning.init_lora_state(ours_model, cfg.train.optimizer, seed=0)
   tokens = jnp.asarray(batch["input_ids"].numpy(), jnp.int32)
   logits, _ = ours_model.apply({"params": params, "lora": state.trainable}, tokens)
   mask = jnp.asarray(batch["labels"].numpy() != -100)

@@ -20,7 +20,7 @@ from lamini_jax import model as model_lib
 from lamini_jax.mome import anchors as anchors_lib
 from lamini_jax.mome import collisions as collisions_lib
 from lamini_jax.mome import config as mome_config
-from lamini_jax.mome import edit as edit_lib
+from lamini_jax.mome import edit_checks
 from lamini_jax.mome import inputs as inputs_lib
 from lamini_jax.mome import layer as layer_lib
 from lamini_jax.mome import router as router_lib
@@ -339,8 +339,14 @@ def test_exclusive_train_slots_give_each_answer_position_its_own_expert(params, 
                           TRAIN, pad_id=0, prepared=prepared, progress=False)
   with pytest.raises(ValueError, match="mome.train_slot_choice='exclusive' needs mome.train_slots"):
     dataclasses.replace(spec, train_slots=None)
-  with pytest.raises(ValueError, match="mome.train_slot_choice='exclusive': not supported yet"):
-    edit_lib.check_supported(spec)
+  # Rows a stored memory writes (`taken`) or reads (`read`) count before the first position.
+  idx, w = np.array([[4, 6, 8]]), np.array([[.5, .3, .2]])
+  np.testing.assert_array_equal(collisions_lib.exclusive_slots(idx, w, 1, taken=[4]), [[0, 1, 0]])
+  np.testing.assert_array_equal(collisions_lib.exclusive_slots(idx, w, 1, True, [4], [6, 6]), [[0, 0, 1]])
+  np.testing.assert_array_equal(collisions_lib.exclusive_slots(idx, w, 1, False, [4], [6]), [[0, 1, 0]])
+  np.testing.assert_array_equal(collisions_lib.exclusive_slots(idx, w, 2, True, [4, 6, 8], [20]),
+                                [[1, 1, 0]])  # all taken once: by weight
+  edit_checks.check_supported(spec)  # editing supports the exclusive choices
 
 def _anchor_pool(n=5, length=12, seed=6):
   rng = np.random.default_rng(seed)

@@ -53,13 +53,18 @@ def test_token_nll_matches_float64_reference():
 def test_lora_step_zero_reproduces_base_logits_exactly(stories):
   cfg, params = stories
   lora_model = model_lib.Transformer(cfg, lora=LORA)
-  state = lora_tuning.init_lora_state(lora_model, FAST.optimizer.build(), seed=0)
+  state = lora_tuning.init_lora_state(lora_model, FAST.optimizer, seed=0)
   tokens = jnp.asarray(np.random.default_rng(1).integers(3, 512, (2, 13)))
   base, _ = model_lib.Transformer(cfg).apply({"params": params}, tokens)
   adapted, _ = lora_model.apply({"params": params, "lora": state.trainable}, tokens)
   np.testing.assert_array_equal(np.asarray(adapted), np.asarray(base))
   a_leaves = [x for path, x in jax.tree_util.tree_leaves_with_path(state.trainable) if path[-1].key == "a"]
   assert a_leaves and all(float(jnp.abs(a).max()) > 0 for a in a_leaves)  # A random, B zero
+  # Another seed: other A, from the same compiled function (one compile per model and optimizer).
+  other = lora_tuning.init_lora_state(lora_model, FAST.optimizer, seed=1)
+  assert not np.array_equal(np.asarray(jax.tree.leaves(other.trainable)[0]),
+                            np.asarray(jax.tree.leaves(state.trainable)[0]))
+  assert lora_tuning._jitted_init(lora_model, FAST.optimizer)._cache_size() == 1
 
 
 @pytest.fixture(scope="module")

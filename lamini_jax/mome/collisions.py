@@ -4,7 +4,8 @@
 reports it per MoME layer over the facts' answer positions. `balance_router`
 sets a frozen per-sub-key selection bias that spreads the given tokens over the
 sub-keys (auxiliary-loss-free load balancing), and `balance_facts` runs it layer
-by layer on the facts.
+by layer on the facts. `exclusive_slots` chooses the slots answer positions write so that no
+two write one expert; `fires_at` says where a keyed expert would fire at other positions.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def collision_summary(report: CollisionReport) -> dict[str, Any]:
 
 
 def exclusive_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, n: int,
-                    prefer_unread: bool = False) -> np.ndarray:
+                    prefer_unread: bool = False, taken: np.ndarray | None = None,
+                    read: np.ndarray | None = None, avoid: np.ndarray | None = None) -> np.ndarray:
   """bool [P, K]: n slots of each position (row) whose experts no other position writes, where it can.
 
   Positions in order each take n of their slots with distinct experts: first those whose
@@ -135,6 +137,12 @@ def exclusive_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, n: int,
   best-weighted, or, with `prefer_unread`, first the experts the fewest positions select at
   all (a keyed expert that another position selects fires there too when the inputs are
   near, as those of one place in an answer are), then the best-weighted. Host-side, one pass.
+
+  `taken`, `read` (expert indices, repeats counted): experts that positions outside
+  `idx_PxK` already write, and select without writing (a stored memory, `mome.edit.add`);
+  they count as taken, and read, before the first position. `avoid` (bool [P, K]): slots to
+  take only after the others that are equally free (`mome.edit`: experts whose key would fire
+  at a stored fact's answer position).
   """
   idx_PxK = np.asarray(idx_PxK)
   if idx_PxK.shape != np.shape(w_PxK) or n < 1:
@@ -144,28 +152,56 @@ def exclusive_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, n: int,
   sorted_PxK = np.sort(idx_PxK, axis=1)
   once_PxK = np.ones(idx_PxK.shape, bool)
   once_PxK[:, 1:] = sorted_PxK[:, 1:] != sorted_PxK[:, :-1]
-  size = int(idx_PxK.max(initial=-1)) + 1
-  demand_E = np.bincount(sorted_PxK[once_PxK], minlength=size)  # positions selecting each expert
+  outside = [np.asarray(a, np.int64).ravel() for a in (taken, read) if a is not None]
+  size = max([int(idx_PxK.max(initial=-1))] + [int(a.max(initial=-1)) for a in outside]) + 1
+  count = lambda a: np.bincount(np.asarray(a, np.int64).ravel(), minlength=size)
+  demand_E = count(sorted_PxK[once_PxK])  # positions selecting each expert
+  taken_E = count(() if taken is None else taken)  # positions writing each expert so far
   if not prefer_unread:
     demand_E = np.zeros_like(demand_E)
-  taken_E = np.zeros(size, np.int64)  # positions writing each expert so far
+  elif outside:
+    demand_E += taken_E + count(() if read is None else read)
+  avoid_PxK = np.zeros(idx_PxK.shape, bool) if avoid is None else np.asarray(avoid, bool)
   chosen_PxK = np.zeros(idx_PxK.shape, bool)
   for p in range(idx_PxK.shape[0]):
     experts = idx_PxK[p, best_PxK[p]]
     _, first = np.unique(experts, return_index=True)  # one slot per distinct expert
     slots = best_PxK[p, np.sort(first)]
     e = idx_PxK[p, slots]
-    pick = slots[np.lexsort((demand_E[e], taken_E[e]))[:n]]  # stable: ties keep the weight order
+    # Free first, then not avoided, then the least selected; stable: ties keep the weight order.
+    pick = slots[np.lexsort((demand_E[e], avoid_PxK[p, slots], taken_E[e]))[:n]]
     chosen_PxK[p, pick] = True
     taken_E[idx_PxK[p, pick]] += 1
   return chosen_PxK
 
 
+def fires_at(x_PxD: np.ndarray, idx_PxK: np.ndarray, x_QxD: np.ndarray, idx_QxK: np.ndarray,
+             match: float) -> np.ndarray:
+  """bool [P, K]: whether some position q with idx_QxK[q] holding expert idx_PxK[p, k] has
+  x_q . x_p > match |x_p|^2: where that expert, keyed to x_p alone (`table.key_rows`), would fire."""
+  flat = idx_PxK.ravel()
+  out = np.zeros(flat.size, bool)
+  order = np.argsort(flat, kind="stable")
+  q, k = np.nonzero(np.isin(idx_QxK, flat))
+  lo = np.searchsorted(flat[order], idx_QxK[q, k], "left")
+  count = np.searchsorted(flat[order], idx_QxK[q, k], "right") - lo
+  # Every (q, slot of P) pair that shares an expert: q repeated, the slots in sorted order.
+  pair_q = np.repeat(q, count)
+  slot = order[np.repeat(lo - np.cumsum(count) + count, count) + np.arange(count.sum())]
+  x_P = np.asarray(x_PxD, np.float64)[slot // idx_PxK.shape[1]]
+  dots = np.einsum("nd,nd->n", np.asarray(x_QxD, np.float64)[pair_q], x_P)
+  out[slot[dots > match * np.einsum("nd,nd->n", x_P, x_P)]] = True
+  return out.reshape(idx_PxK.shape)
+
+
 def written_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, train_slots: int | None,
-                  choice: str = "first") -> np.ndarray:
-  """bool [P, K]: the slots whose experts phase 2 writes (`MomeTuningConfig.train_slot_choice`)."""
+                  choice: str = "first", taken: np.ndarray | None = None,
+                  read: np.ndarray | None = None, avoid: np.ndarray | None = None) -> np.ndarray:
+  """bool [P, K]: the slots whose experts phase 2 writes (`MomeTuningConfig.train_slot_choice`);
+  `taken`, `read`, `avoid`: as `exclusive_slots` takes them (the exclusive choices only)."""
   if choice in ("exclusive", "exclusive_unread"):
-    return exclusive_slots(idx_PxK, w_PxK, train_slots or idx_PxK.shape[1], choice == "exclusive_unread")
+    return exclusive_slots(idx_PxK, w_PxK, train_slots or idx_PxK.shape[1], choice == "exclusive_unread",
+                           taken, read, avoid)
   if choice != "first":
     raise ValueError(f"written_slots: choice={choice!r} is not 'first', 'exclusive' or 'exclusive_unread'")
   k = np.shape(idx_PxK)[1]

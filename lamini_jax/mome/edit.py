@@ -1,26 +1,31 @@
 """Editing a memory-tuned MoME: add, forget and update facts without retraining the others.
 
 With a frozen router each fact writes the expert rows its answer positions select
-(`registry.StoredFact.experts`: the first `mome.train_slots` slots, else all K). An edit
-changes only rows of the facts it edits:
+(`registry.StoredFact.experts`: the slots `mome.train_slots` and `mome.train_slot_choice`
+choose, else all K) and reads the others it selects. A keyed row adds exactly 0 where it does
+not fire (`firing`), so a fact that reads a row only changes when the row fires at one of its
+answer positions. An edit changes only rows of the facts it edits:
 
-  add     the rows E the new facts write are keyed (`table.key_rows`, `only=E`) to the mean
-          input over every position, new or stored, that writes them, and only E trains
-          (phase 2's step with a per-slot focus), on the new facts and their neighbours
-          (the stored facts whose answer positions select a row of E), until every one is
-          recalled exactly or the epochs run out.
+  add     the new facts' slots are chosen as phase 2 chose them, rows that stored facts write
+          or read counting as taken; the rows E they write are keyed (`table.key_rows`,
+          `only=E`) to the mean input over every position, new or stored, that writes them,
+          and only E trains (phase 2's step with a per-slot focus), on the new facts, the
+          stored facts that write a row of E and those at which a row of E fires, until every
+          one is recalled exactly or the epochs run out.
   forget  a batch of facts: rows only they write go back to untrained, down = up = 0 (a
           keyed expert then adds exactly 0); rows they share with facts that remain are
           re-keyed to those and retrained from up = 0, in one retraining for the batch, on the
           remaining facts that use them, so nothing a forgotten fact wrote stays in the table.
+          Stored facts at which a changed row fired are checked, and those no longer recalled
+          retrain their own rows.
   update  a batch of (fact, new answer): forget them all, then add them all with their new
           answers under the same ids (two retrainings for the batch).
 
 Every other row keeps its value bit for bit, so an edit costs in proportion to the edited
 facts and their neighbours, not to the facts stored. The backbone, router and balance never
 change. A bad batch (`check_edits`) is an error before anything changes. Supported: one keyed
-MoME layer, phase 1 off, `mome.train_slot_choice` 'first' (`check_supported`). The table passed
-to an edit is donated (its buffers are written in place): use the one the edit returns.
+MoME layer, phase 1 off (`check_supported`). The table passed to an edit is donated (its
+buffers are written in place): use the one the edit returns.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from lamini_jax.data import facts as facts_lib
 from lamini_jax import evaluate as eval_lib
 from lamini_jax.model import Transformer
 from lamini_jax.mome.anchors import ANCHOR
+from lamini_jax.mome.collisions import fires_at, written_slots
 from lamini_jax.mome.config import MomeTuningConfig
+from lamini_jax.mome.edit_checks import check_edits, checked_new_facts
 from lamini_jax.mome.inputs import fact_inputs, layer_key, layer_paths, token_routes, tree_get, tree_set
 from lamini_jax.mome.layer import BALANCE, ROUTER, TABLE
 from lamini_jax.mome import registry
@@ -52,29 +59,6 @@ from lamini_jax.mome.steps import make_tuning_step
 from lamini_jax.mome.table import key_rows
 from lamini_jax.mome.tuning import batch_routes, focus_slots, tuning_state
 from lamini_jax import train as train_lib
-
-
-def check_supported(spec: MomeTuningConfig) -> None:
-  """Editing needs one keyed MoME layer without phase 1; an error names the field that is not so."""
-  if len(spec.layers) != 1:
-    raise ValueError(f"mome.layers={list(spec.layers)}: editing facts supports one MoME layer (a later "
-                     "layer's inputs move when an earlier layer's rows change)")
-  if not spec.key_match:
-    raise ValueError("mome.key_match=0: editing facts needs keyed experts (mome.key_match > 0), so "
-                     "that a row fires only near the facts that write it")
-  if spec.generalization.epochs:
-    raise ValueError(f"mome.generalization.epochs={spec.generalization.epochs}: editing facts needs "
-                     "phase 1 off (its rows hold general text, not facts)")
-  if spec.train_positions != "answer":
-    raise ValueError(f"mome.train_positions={spec.train_positions!r}: editing facts needs 'answer'")
-  _check_slot_choice(spec)
-
-
-def _check_slot_choice(spec: MomeTuningConfig) -> None:
-  if spec.train_slot_choice != "first":
-    raise ValueError(f"mome.train_slot_choice={spec.train_slot_choice!r}: not supported yet by fact "
-                     "editing (it writes the first mome.train_slots slots of each answer position); "
-                     "edit a run made with mome.train_slot_choice='first'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +76,6 @@ class Editor:
   template: encoding.PromptTemplate
   pad_id: int
   anchors: dict[str, Any] | None = None
-
-  def __post_init__(self):
-    _check_slot_choice(self.spec)
 
   @property
   def path(self) -> tuple[str, ...]:
@@ -151,29 +132,106 @@ class Edit:
 
 
 def answer_routes(ed: Editor, table: Any, encoded: Sequence[encoding.EncodedFact]
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(inputs [P, D], experts [P, K], fact index [P]) of the layer at the facts' answer positions."""
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(inputs [P, D], experts [P, K], weights [P, K], fact index [P]) of the layer at the
+  facts' answer positions."""
   x, fact_P = fact_inputs(ed.model, ed.variables(table), encoded)
-  idx, _ = route_jit(tree_get(ed.frozen[ROUTER], ed.path), jnp.asarray(x[ed.layer]), ed.model.mome,
+  idx, w = route_jit(tree_get(ed.frozen[ROUTER], ed.path), jnp.asarray(x[ed.layer]), ed.model.mome,
                      tree_get(ed.frozen[BALANCE], ed.path))
-  return x[ed.layer], np.asarray(idx), fact_P
+  return x[ed.layer], np.asarray(idx), np.asarray(w), fact_P
+
+
+def _first_slots(ed: Editor) -> bool:
+  return ed.spec.train_slot_choice == "first"
 
 
 def stored_facts(ed: Editor, table: Any, facts: Sequence[facts_lib.Fact], added: str,
-                 encoded: Sequence[encoding.EncodedFact] | None = None) -> list[StoredFact]:
-  """Registry entries of `facts`: the rows their answer positions write and read."""
+                 encoded: Sequence[encoding.EncodedFact] | None = None,
+                 stored: Sequence[StoredFact] = ()) -> list[StoredFact]:
+  """Registry entries of `facts`: the rows their answer positions write and read.
+
+  With an exclusive `mome.train_slot_choice` the written slots are chosen as phase 2 chose
+  them (`collisions.written_slots`, the facts' answer positions in order), the rows that
+  the `stored` facts write or read counting as taken or read before the first, and among
+  free rows first those whose key would fire at no stored fact's answer position
+  (`_would_fire`); each entry keeps its positions' slots.
+  """
   if not facts:
     return []
-  _, idx, fact_P = answer_routes(ed, table, encoded if encoded is not None else ed.encode(facts))
-  slots = ed.spec.train_slots or ed.model.mome.slots
+  x, idx, w, fact_P = answer_routes(ed, table, encoded if encoded is not None else ed.encode(facts))
+  spec = ed.spec
+  rows = lambda attr: np.concatenate([np.asarray(getattr(f, attr).get(ed.layer, ()), np.int64)
+                                      for f in stored] + [np.zeros(0, np.int64)])
+  avoid = None if _first_slots(ed) or not stored else _would_fire(ed, table, x, idx, stored)
+  written_PxK = written_slots(idx, w, spec.train_slots, spec.train_slot_choice,
+                              rows("experts"), rows("reads"), avoid)
   out = []
   for i, f in enumerate(facts):
-    mine = idx[fact_P == i]
-    written = np.unique(mine[:, :slots])
-    read = np.setdiff1d(mine[:, slots:], written)
+    mine, mask = idx[fact_P == i], written_PxK[fact_P == i]
+    written = np.unique(mine[mask])
+    read = np.setdiff1d(mine, written)
+    slots = {} if _first_slots(ed) else {
+        ed.layer: tuple(tuple(np.flatnonzero(m).tolist()) for m in mask)}
     out.append(StoredFact(f.fact_id, f.question, f.answer, added, {ed.layer: tuple(written.tolist())},
-                          {ed.layer: tuple(read.tolist())} if read.size else {}))
+                          {ed.layer: tuple(read.tolist())} if read.size else {}, slots=slots))
   return out
+
+
+def _would_fire(ed: Editor, table: Any, x_PxD: np.ndarray, idx_PxK: np.ndarray,
+                stored: Sequence[StoredFact]) -> np.ndarray:
+  """bool [P, K]: whether expert idx[p, k], keyed to x[p] alone, would fire at an answer
+  position of a stored fact that selects it (`collisions.fires_at`)."""
+  readers = registry.neighbours(stored, {ed.layer: np.unique(idx_PxK)})
+  if not readers:
+    return np.zeros(idx_PxK.shape, bool)
+  x_QxD, idx_QxK, _, _ = answer_routes(ed, table, ed.encode([as_fact(f) for f in readers]))
+  return fires_at(x_PxD, idx_PxK, x_QxD, idx_QxK, ed.spec.key_match)
+
+
+def written_mask(ed: Editor, entries: Sequence[StoredFact], fact_P: np.ndarray, k: int) -> np.ndarray:
+  """bool [P, K]: the slots each of `entries`' answer positions writes (fact_P: their fact index)."""
+  if _first_slots(ed):
+    return np.broadcast_to(np.arange(k) < (ed.spec.train_slots or k), (len(fact_P), k))
+  mask = np.zeros((len(fact_P), k), bool)
+  for i, f in enumerate(entries):
+    at = np.flatnonzero(fact_P == i)
+    slots = f.slots.get(ed.layer)
+    if slots is None or len(slots) != len(at):
+      raise ValueError(f"fact {f.id!r}: the registry holds the slots of {0 if slots is None else len(slots)}"
+                       f" answer positions of layer {ed.layer}, its answer encodes to {len(at)}; was the "
+                       "registry written with another tokenizer or template?")
+    for p, s in zip(at, slots):
+      mask[p, list(s)] = True
+  return mask
+
+
+def fired_rows(ed: Editor, table: Any, facts: Sequence[StoredFact], rows: np.ndarray
+               ) -> list[np.ndarray]:
+  """For each of `facts`, the rows of `rows` that fire at one of its answer positions, under
+  their keys in `table`.
+
+  A keyed row (relu, threshold > 0) adds exactly 0 where down . x <= threshold, whatever
+  its `up`, so a fact that selects a row without firing it is not changed by training it.
+  """
+  out = [np.zeros(0, np.int64) for _ in facts]
+  if not facts or not len(rows):
+    return out
+  x_PxD, idx_PxK, _, fact_P = answer_routes(ed, table, ed.encode([as_fact(f) for f in facts]))
+  p, k = np.nonzero(np.isin(idx_PxK, rows))
+  if not p.size:
+    return out
+  keys_HxDxR = np.asarray(jnp.take(tree_get(table, ed.path)["down"],
+                                   jnp.asarray(idx_PxK[p, k], jnp.int32), axis=0), np.float64)
+  pre_HxR = np.einsum("hd,hdr->hr", x_PxD[p].astype(np.float64), keys_HxDxR)
+  fires = np.any(pre_HxR > ed.model.mome.threshold * (1 - 1e-5), axis=1)  # float32's edge counts as firing
+  for i in range(len(facts)):
+    out[i] = np.unique(idx_PxK[p[fires], k[fires]][fact_P[p[fires]] == i]).astype(np.int64)
+  return out
+
+
+def firing(ed: Editor, table: Any, facts: Sequence[StoredFact], rows: np.ndarray) -> list[StoredFact]:
+  """Those of `facts` at which one of `rows` fires (`fired_rows`)."""
+  return [f for f, r in zip(facts, fired_rows(ed, table, facts, rows)) if r.size]
 
 
 def as_fact(stored: StoredFact) -> facts_lib.Fact:
@@ -203,25 +261,42 @@ def _zeroed(layer: dict[str, jax.Array], idx_M: jax.Array, leaves: tuple[str, ..
   return {k: v.at[idx_M].set(0, mode="drop") if k in leaves else v for k, v in layer.items()}
 
 
-def retrain(ed: Editor, table: Any, facts: Sequence[facts_lib.Fact], rows: np.ndarray, *,
-            reset_up: bool, epochs: int, recall_every: int = 1,
-            progress: bool = False) -> tuple[Any, Training]:
-  """Keys `rows` to the answer positions of `facts` that write them and trains only those rows.
+def retrain(ed: Editor, table: Any, entries: Sequence[StoredFact], rows: np.ndarray, *,
+            reset_up: bool, epochs: int, recall_every: int = 1, progress: bool = False,
+            readers: Sequence[StoredFact] = (), pool: Sequence[StoredFact] = ()
+            ) -> tuple[Any, Training, np.ndarray]:
+  """Keys `rows` to the answer positions of `entries` that write them and trains only those
+  rows (and the rows of the readers they fire at); returns the table, the training and the
+  rows trained.
 
-  `reset_up`: the rows start from up = 0. Training is phase 2's (`make_tuning_step`, the run's
-  `mome.train` optimizer, margin and anchors) with a focus on the slots whose expert is one
-  of `rows`, and stops once every fact is recalled exactly (checked every `recall_every`
+  `readers`: stored facts that select some of `rows` without writing them; those at which
+  one of them fires under its new key (`firing`) train with `entries`, the others are not
+  changed by it. A reader that a new row fires at trains its own rows too (their keys stay),
+  so that it can make up for the row (a row firing at two positions cannot serve both
+  alone); then the facts of `pool` that write those rows or at which they fire train with
+  them. `reset_up`: `rows` start from up = 0. Training is phase 2's (`make_tuning_step`, the
+  run's `mome.train` optimizer, margin and anchors) with a focus on the slots whose expert is
+  a trained row, and stops once every fact is recalled exactly (checked every `recall_every`
   epochs) or after `epochs`. `table` is donated: keying, the reset and training write into
   its buffers, and no copy of the layer is made.
   """
   train_lib.release_freed_host_memory()  # the tables earlier edits freed (docs/sequential.md)
   t0 = time.perf_counter()
   spec, model = ed.spec, ed.model
-  encoded = ed.encode(facts)
-  x_PxD, idx_PxK, _ = answer_routes(ed, table, encoded)
-  layer = key_rows(tree_get(table, ed.path), idx_PxK[:, :spec.train_slots], x_PxD, model.mome,
+  x_PxD, idx_PxK, _, fact_P = answer_routes(ed, table, ed.encode([as_fact(f) for f in entries]))
+  mask_PxK = written_mask(ed, entries, fact_P, idx_PxK.shape[1])
+  layer = key_rows(tree_get(table, ed.path), np.where(mask_PxK, idx_PxK, -1), x_PxD, model.mome,
                    spec.key_match, only=rows)  # donates the layer: written in place
   table = tree_set(table, ed.path, layer)
+  hit = firing(ed, table, readers, rows)
+  own = np.setdiff1d(_written(hit, ed.layer), rows)
+  known = {f.id for f in list(entries) + hit}
+  more: list[StoredFact] = []
+  if own.size and pool:  # the readers' own rows train: their writers and the facts they fire at too
+    writers, others = _split(ed, [f for f in pool if f.id not in known], own)
+    more = writers + firing(ed, table, others, own)
+  facts = [as_fact(f) for f in list(entries) + hit + more]
+  encoded = ed.encode(facts)
   if reset_up:
     table = _zero_rows(table, ed.path, rows, ("up",))
   train_cfg = spec.train
@@ -231,22 +306,24 @@ def retrain(ed: Editor, table: Any, facts: Sequence[facts_lib.Fact], rows: np.nd
                                   seq_len=max(train_cfg.seq_len, -(-longest // bucket) * bucket))
   most = max(int(np.count_nonzero(e.loss_mask[1:])) for e in encoded)
   tx, step = _tuning_step(model, spec, -(-most // 16) * 16, ed.anchors is not None)
+  slot_limit = spec.train_slots if _first_slots(ed) else None  # else: every slot reading `rows`
   state = tuning_state(table, tx, train_cfg.seed, None, ("up",), copy=False)  # donated
   frozen = ed.frozen if ed.anchors is None else {**ed.frozen, ANCHOR: ed.anchors}
   routes_FxTxK = token_routes(model, ed.variables(table),
                               batch_lib.stack_encoded(encoded, longest, ed.pad_id)[0])
   rows_N = np.zeros(model.mome.num_experts, bool)
-  rows_N[rows] = True
+  trained = np.union1d(rows, own).astype(np.int64)
+  rows_N[trained] = True
   hook = eval_lib.recall_callback(model, lambda s: ed.variables(s.trainable), ed.tokenizer, facts,
                                   ed.template, recall_every, stop_at_full=True)
   extras = lambda batch: (batch_routes(routes_FxTxK, batch),
-                          focus_slots(routes_FxTxK, batch, rows_N, spec.train_slots))
+                          focus_slots(routes_FxTxK, batch, rows_N, slot_limit))
   result = train_lib.fit(step, state, frozen, encoded, train_cfg, pad_id=ed.pad_id, label="edit",
                          progress=progress, on_epoch=hook, batch_extras=extras)
   table = result.state.trainable
   after = recalled(ed, table, facts)
-  return table, Training(tuple(f.fact_id for f in facts), int(len(rows)), len(result.history),
-                         time.perf_counter() - t0, after)
+  return table, Training(tuple(f.fact_id for f in facts), int(len(trained)), len(result.history),
+                         time.perf_counter() - t0, after), trained
 
 
 @functools.lru_cache(maxsize=8)
@@ -254,41 +331,12 @@ def _tuning_step(model: Transformer, spec: MomeTuningConfig, most: int, anchored
   """(optimizer, phase-2 step) for facts of at most `most` trained tokens: one compile per
   process for successive edits of one model."""
   tx = spec.train.optimizer.build()
-  written = spec.train_slots or model.mome.slots
+  first = spec.train_slot_choice == "first"  # else the focus is every slot that reads a trained row
+  written = (spec.train_slots if first else None) or model.mome.slots
   rows = min(spec.train.batch_size * most * written, model.mome.num_experts) + 1
   return tx, make_tuning_step(model, tx, None, spec.margin, "answer", rows,
                               spec.anchor if anchored else None, train_down=False,
-                              train_slots=spec.train_slots)
-
-
-def checked_new_facts(stored: Sequence[StoredFact], new: Sequence[facts_lib.Fact],
-                      source: str = "the new facts") -> list[facts_lib.Fact]:
-  """`new` with a question repeated with its same answer kept once; errors name the conflict.
-
-  Errors: one question with two answers, a question or an id already stored.
-  """
-  first: dict[str, facts_lib.Fact] = {}
-  kept = []
-  for f in new:
-    other = first.setdefault(f.question, f)
-    if other is f:
-      kept.append(f)
-    elif other.answer != f.answer:
-      raise ValueError(f"{source}: question {f.question!r} has two answers, {other.answer!r} (fact "
-                       f"{other.fact_id!r}) and {f.answer!r} (fact {f.fact_id!r}): keep one")
-  by_question = {s.question: s for s in stored}
-  ids = {s.id for s in stored}
-  for f in kept:
-    if f.question in by_question:
-      s = by_question[f.question]
-      raise ValueError(f"{source}: question {f.question!r} is already stored as fact {s.id!r} (answer "
-                       f"{s.answer!r}); change its answer with `update --id {s.id} --answer ...`")
-    if f.fact_id in ids:
-      raise ValueError(f"{source}: fact id {f.fact_id!r} is already stored; give the fact another "
-                       "\"id\" in the facts file")
-  if not kept:
-    raise ValueError(f"{source}: no facts to add")
-  return kept
+                              train_slots=spec.train_slots if first else None)
 
 
 def _written(facts: Sequence[StoredFact], layer: str) -> np.ndarray:
@@ -302,66 +350,67 @@ def add(ed: Editor, table: Any, stored: Sequence[StoredFact], new: Sequence[fact
         source: str = "the new facts") -> Edit:
   """Stores `new` facts: trains the rows they write on them and on their neighbours."""
   new = checked_new_facts(stored, new, source)
-  encoded = ed.encode(new)
-  entries = stored_facts(ed, table, new, added or registry.now(), encoded)
+  entries = stored_facts(ed, table, new, added or registry.now(), ed.encode(new), stored)
   rows = _written(entries, ed.layer)
-  near = registry.neighbours(stored, {ed.layer: rows})
-  table, training = retrain(ed, table, list(new) + [as_fact(s) for s in near], rows, reset_up=False,
-                            epochs=epochs, recall_every=recall_every, progress=progress)
-  return Edit(table, tuple(stored) + tuple(entries), rows, (training,), dict(training.recalled))
+  table, training, trained = _retrain_rows(ed, table, stored, rows, entries, reset_up=False,
+                                           epochs=epochs, recall_every=recall_every, progress=progress)
+  return Edit(table, tuple(stored) + tuple(entries), trained, (training,), dict(training.recalled))
 
 
-def check_edits(stored: Sequence[StoredFact], forget: Sequence[StoredFact] = (),
-                update: Sequence[tuple[StoredFact, str]] = ()) -> None:
-  """Checks a batch of edits before anything changes; each error names the fact id.
+def _split(ed: Editor, pool: Sequence[StoredFact], rows: np.ndarray
+           ) -> tuple[list[StoredFact], list[StoredFact]]:
+  """(writers, readers): the facts of `pool` that write some of `rows`, and the others that select some."""
+  near = registry.neighbours(pool, {ed.layer: rows})
+  writers = [s for s in near if np.intersect1d(s.experts.get(ed.layer, ()), rows).size]
+  return writers, [s for s in near if s not in writers]
 
-  Errors: an id not stored; an id named twice among the facts to forget, among the facts to
-  update, or in both; a new answer that is empty or the stored one.
-  """
-  by_id = {s.id: s for s in stored}
-  seen: dict[str, str] = {}
-  for what, fact, answer in ([("forget", f, None) for f in forget]
-                             + [("update", f, a) for f, a in update]):
-    if fact.id not in by_id:
-      raise KeyError(f"fact {fact.id!r} is not stored (`python -m lamini_jax.facts list` shows the "
-                     f"{len(stored)} stored facts)")
-    if fact.id in seen:
-      raise ValueError(f"fact {fact.id!r} is named twice among the facts to {what}: name it once"
-                       if seen[fact.id] == what else
-                       f"fact {fact.id!r} is both forgotten and updated in one edit: do one of them")
-    seen[fact.id] = what
-    if answer is not None and not answer.strip():
-      raise ValueError(f"the new answer of fact {fact.id!r} is empty")
-    if answer is not None and answer.strip() == by_id[fact.id].answer:
-      raise ValueError(f"fact {fact.id!r} already has the answer {by_id[fact.id].answer!r}: nothing "
-                       "to update")
+
+def _retrain_rows(ed: Editor, table: Any, pool: Sequence[StoredFact], rows: np.ndarray,
+                  extra: Sequence[StoredFact] = (), **kwargs) -> tuple[Any, Training, np.ndarray]:
+  """`retrain` of `rows` on `extra` and the facts of `pool` that write them or fire them."""
+  writers, readers = _split(ed, pool, rows)
+  return retrain(ed, table, list(extra) + writers, rows, readers=readers, pool=pool, **kwargs)
 
 
 def forget(ed: Editor, table: Any, stored: Sequence[StoredFact], facts: Sequence[StoredFact], *,
            epochs: int, recall_every: int = 1, progress: bool = False) -> Edit:
   """Removes `facts` in one edit: the rows only they write go back to untrained (down = up = 0);
-  the rows they share with facts that remain are retrained without them, in one retraining."""
+  the rows they share with facts that remain, written or firing at their answer positions
+  (an add trains a row on every stored fact it fires at), are retrained without them, in one
+  retraining."""
   if not facts:
     raise ValueError("no facts to forget")
   check_edits(stored, forget=facts)
   gone = {f.id for f in facts}
   victims = [s for s in stored if s.id in gone]  # as the registry holds them
   rest = [s for s in stored if s.id not in gone]
-  mine = _written(victims, ed.layer)
-  near = registry.neighbours(rest, {ed.layer: mine})
-  shared = np.intersect1d(mine, _written(near, ed.layer))
+  read = np.intersect1d(np.concatenate([v.rows(ed.layer) for v in victims]), _written(rest, ed.layer))
+  mine = np.union1d(_written(victims, ed.layer),  # with the trained rows that fire at their positions
+                    np.concatenate(fired_rows(ed, table, victims, read)))
+  writers, readers = _split(ed, rest, mine)
+  shared = np.intersect1d(mine, _written(writers, ed.layer))
   alone = np.setdiff1d(mine, shared)
+  hit = firing(ed, table, readers, mine)  # before the reset and re-keying: the readers they change
   table = _zero_rows(table, ed.path, alone, LEAVES)
-  trainings: tuple[Training, ...] = ()
+  trainings: list[Training] = []
+  changed = [mine]
+  train = dict(epochs=epochs, recall_every=recall_every, progress=progress)
   if shared.size:
-    users = registry.neighbours(rest, {ed.layer: shared})
-    table, training = retrain(ed, table, [as_fact(s) for s in users], shared, reset_up=True,
-                              epochs=epochs, recall_every=recall_every, progress=progress)
-    trainings = (training,)
+    table, training, trained = _retrain_rows(ed, table, rest, shared, reset_up=True, **train)
+    trainings.append(training)
+    changed.append(trained)
   checked = {k: v for t in trainings for k, v in t.recalled.items()}
-  checked.update(recalled(ed, table, [as_fact(s) for s in near if s.id not in checked]))
+  checked.update(recalled(ed, table, [as_fact(s) for s in writers + hit if s.id not in checked]))
+  lost = [s for s in hit if not checked[s.id]]
+  if lost:  # readers that relied on a reset row: their own rows learn to do without it
+    table, training, trained = _retrain_rows(ed, table, rest, _written(lost, ed.layer), reset_up=False,
+                                             **train)
+    trainings.append(training)
+    changed.append(trained)
+    checked.update(training.recalled)
   removed = recalled(ed, table, [as_fact(s) for s in victims])
-  return Edit(table, tuple(rest), mine, trainings, checked, alone, removed)
+  return Edit(table, tuple(rest), np.unique(np.concatenate(changed)), tuple(trainings), checked, alone,
+              removed)
 
 
 def update(ed: Editor, table: Any, stored: Sequence[StoredFact],

@@ -9,8 +9,9 @@ Inside a MoME label's store (`runs.RunDir.paths(label).store`, i.e. RUN/mome/LAB
 
 A registry line is {"id", "question", "answer", "added" (ISO time), "experts":
 {layer: sorted rows the fact writes}}, with "reads" ({layer: rows its answer
-positions select in the slots they do not write, when `mome.train_slots` < K})
-and "updated" (ISO time) when there are any. Version v is committed by one
+positions select in the slots they do not write, when `mome.train_slots` < K}),
+"slots" ({layer: the slots each answer position writes, in order}, with a
+`mome.train_slot_choice` other than "first") and "updated" (ISO time) when there are any. Version v is committed by one
 `os.replace` of the manifest after its files are written and synced, so a process
 killed at any point leaves the previous version or v, never a mix (`commit`);
 `clean` removes the files of older versions and of commits that never happened.
@@ -56,6 +57,7 @@ class StoredFact:
   experts: dict[str, tuple[int, ...]]
   reads: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
   updated: str | None = None
+  slots: dict[str, tuple[tuple[int, ...], ...]] = dataclasses.field(default_factory=dict)
 
   def rows(self, layer: str) -> np.ndarray:
     """Every row of `layer` that the fact's answer positions select: written or read."""
@@ -68,6 +70,8 @@ class StoredFact:
       out["reads"] = {k: list(v) for k, v in self.reads.items()}
     if self.updated is not None:
       out["updated"] = self.updated
+    if self.slots:
+      out["slots"] = {k: [list(p) for p in v] for k, v in self.slots.items()}
     return out
 
   @classmethod
@@ -76,8 +80,9 @@ class StoredFact:
     if missing:
       raise ValueError(f"{where}: a registry line lacks {missing}")
     rows = lambda m: {k: tuple(int(r) for r in v) for k, v in (m or {}).items()}
+    slots = {k: tuple(tuple(int(s) for s in p) for p in v) for k, v in (record.get("slots") or {}).items()}
     return cls(str(record["id"]), record["question"], record["answer"], record["added"],
-               rows(record["experts"]), rows(record.get("reads")), record.get("updated"))
+               rows(record["experts"]), rows(record.get("reads")), record.get("updated"), slots)
 
 
 def registry_text(facts: Sequence[StoredFact]) -> str:
