@@ -9,10 +9,8 @@ run out), then reports the recall and lists the facts not recalled. Nothing is e
 held-out data and nothing reads TruthfulQA or MMLU.
 
 Config: the defaults are the `train`, `lora` and `mome` sections and the prompt fields of `data`
-(`template`, `answer_end`, `train_eos`) of configs/randomization_cpu.yaml, without TruthfulQA
-questions among the MoME anchors (`mome.anchor.questions: 0`; the corpus windows stay), and with
-few rows a fact (`TUNE_DEFAULTS`: `mome.train_slots: 2`, `mome.train_slot_choice:
-exclusive_unread`, `mome.key_match: 0.9`, `mome.train.optimizer.learning_rate: 1.0`).
+(`template`, `answer_end`, `train_eos`) of configs/randomization_cpu.yaml, then configs/tune_cpu.yaml
+(no TruthfulQA anchor questions; MoME writes 2 table rows per answer token instead of 24).
 `--config FILE` (any `runs.RunConfig` sections) overrides them, `--set a.b=value` single fields.
 The flags set `model.path`, `method`, `run_dir` and the facts' `data` fields (`dataset: facts`,
 `facts_file`, `n_train`: every fact, `n_heldout: 0`), whatever a config says. Lengths follow the
@@ -56,12 +54,7 @@ FACTS_FILE = "facts.jsonl"  # in the run directory: the facts trained, one JSON 
 RESULT_FILE = "tune.json"  # in the run directory: recall and the facts not recalled
 DEFAULT_SECTIONS = ("train", "lora", "mome")  # of DEFAULT_CONFIG, with DEFAULT_DATA_FIELDS of `data`
 DEFAULT_DATA_FIELDS = ("template", "answer_end", "train_eos")
-# Over DEFAULT_CONFIG: no TruthfulQA questions among the anchors, and a fact writes 2 rows per
-# answer position, chosen so that no other position writes or reads them where it can
-# (docs/mome.md#rows-per-fact): about 21 rows a synthetic fact instead of 24 per position.
-TUNE_DEFAULTS = {"mome": {"anchor": {"questions": 0}, "train_slots": 2,
-                          "train_slot_choice": "exclusive_unread", "key_match": 0.9,
-                          "train": {"optimizer": {"learning_rate": 1.0}}}}
+TUNE_CONFIG = runs.REPO / "configs" / "tune_cpu.yaml"  # over DEFAULT_CONFIG's sections
 SET_BY_FLAGS = ("model.path", "method", "run_dir", "answers", "data.dataset", "data.facts_file",
                 "data.n_train", "data.n_heldout")
 LENGTH_BUCKET = 32  # lengths round up to this when the method's train.length_bucket is null
@@ -141,15 +134,16 @@ def _overrides(items: Sequence[str]) -> dict[str, Any]:
 
 
 def default_config() -> runs.RunConfig:
-  """`DEFAULT_SECTIONS` and `DEFAULT_DATA_FIELDS` of `DEFAULT_CONFIG`, with `TUNE_DEFAULTS`."""
-  if not DEFAULT_CONFIG.is_file():
-    raise yaml_config.ConfigError(f"the default config {DEFAULT_CONFIG} is missing (lamini_jax.tune "
-                                  "reads it from the checkout): pass --config FILE")
+  """`DEFAULT_SECTIONS` and `DEFAULT_DATA_FIELDS` of `DEFAULT_CONFIG`, then `TUNE_CONFIG`."""
+  for path in (DEFAULT_CONFIG, TUNE_CONFIG):
+    if not path.is_file():
+      raise yaml_config.ConfigError(f"the default config {path} is missing (lamini_jax.tune reads it "
+                                    "from the checkout): pass --config FILE")
   values = _read_yaml(DEFAULT_CONFIG)
   base = {k: values[k] for k in DEFAULT_SECTIONS if k in values}
   base["data"] = {k: v for k, v in (values.get("data") or {}).items() if k in DEFAULT_DATA_FIELDS}
   cfg = yaml_config.from_dict(runs.RunConfig, base, str(DEFAULT_CONFIG))
-  return yaml_config.from_dict(runs.RunConfig, TUNE_DEFAULTS, "lamini_jax.tune.TUNE_DEFAULTS", base=cfg)
+  return yaml_config.from_dict(runs.RunConfig, _read_yaml(TUNE_CONFIG), str(TUNE_CONFIG), base=cfg)
 
 
 def build_config(model: str, facts_file, n_facts: int, method: str, run_dir, config=None,

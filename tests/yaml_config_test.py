@@ -4,6 +4,7 @@ import pytest
 
 from lamini_jax import runs
 from lamini_jax.runs import REPO
+from lamini_jax import tune
 from lamini_jax import yaml_config
 
 
@@ -16,9 +17,24 @@ def test_default_config_loads_and_overrides_apply():
   assert yaml_config.from_dict(runs.RunConfig, yaml_config.to_dict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+OVERLAYS = ("tune_cpu.yaml",)  # sections over another config (lamini_jax.tune's over the CPU default)
+
+
+SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name not in OVERLAYS)
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(config):
   yaml_config.load(runs.RunConfig, config)
+
+
+def test_the_tune_overlay_is_valid_over_the_cpu_default():
+  cfg = tune.default_config()
+  assert str(tune.TUNE_CONFIG).endswith(OVERLAYS[0])
+  mome = cfg.mome
+  assert (mome.train_slots, mome.train_slot_choice, mome.key_match, mome.anchor.questions) == (
+      2, "exclusive_unread", 0.9, 0)
+  assert mome.train.optimizer.learning_rate == 1.0 and mome.layers == (4,)
 
 
 def test_errors_name_the_file_and_field(tmp_path):
