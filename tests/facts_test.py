@@ -461,7 +461,9 @@ def exclusive_run(stories_dir, tmp_path_factory):
 def test_an_add_with_exclusive_slots_changes_no_fact_it_does_not_train(exclusive_run):
   run_dir, before, result, manifest, logits_before, logits_after = exclusive_run
   cfg = runs.RunDir(run_dir).config().mome
-  assert (cfg.train_slots, cfg.train_slot_choice, cfg.key_match) == (2, "exclusive", 0.9)  # tune's
+  shipped = tune.default_config().mome
+  assert (cfg.train_slots, cfg.train_slot_choice) == (2, "exclusive")  # tune's slots, the choice --set
+  assert (cfg.key_match, cfg.layer.threshold) == (shipped.key_match, shipped.layer.threshold)
   stored = registry.load_facts(runs.RunDir(run_dir).paths(LABEL).store, manifest)
   for f in stored:  # two slots a position, as the registry records them; the others are read
     assert all(len(p) == 2 for p in f.slots[LAYER]) and len(f.experts[LAYER]) <= 2 * len(f.slots[LAYER])

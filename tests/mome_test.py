@@ -501,6 +501,20 @@ def test_fact_experts_is_the_union_over_each_facts_tokens():
   assert [g.tolist() for g in got] == [[1, 4, 9], [], [2, 3]]
 
 
+def test_score_std_is_the_std_of_every_half_score_in_float64():
+  # What `balance_router` scales its steps by, in token chunks instead of whole score tables:
+  # 37 tokens in chunks of 8 (the last one padded) and in one chunk.
+  cfg = mome_config.MomeConfig(num_experts=63 * 65, embed_dim=16, num_heads=2, key_dim=8, top_k=2)
+  router = router_lib.init_router(jax.random.PRNGKey(1), cfg)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(37, 16)) + 0.5, jnp.float32)
+  q = np.einsum("td,daq->atq", np.asarray(x, np.float64), np.asarray(router["query"], np.float64))
+  s1 = np.einsum("atc,aic->ati", q[..., :4], np.asarray(router["keys1"], np.float64))
+  s2 = np.einsum("atc,ajc->atj", q[..., 4:], np.asarray(router["keys2"], np.float64))
+  want = np.std(np.concatenate([s1.ravel(), s2.ravel()]))
+  for chunk in (8, None):
+    np.testing.assert_allclose(float(router_lib.score_std(router, x, chunk)), want, rtol=1e-5)
+
+
 def test_balance_router_lowers_collisions_of_clustered_facts():
   # 23 facts of 2 tokens whose hidden states share one dominant direction:
   # without the bias they all pick the same few sub-keys and collide.

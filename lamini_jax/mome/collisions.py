@@ -24,7 +24,7 @@ from lamini_jax.model import Transformer
 from lamini_jax.mome.config import MomeConfig
 from lamini_jax.mome.inputs import fact_inputs, layer_key, layer_paths, tree_get, tree_set
 from lamini_jax.mome.layer import BALANCE, ROUTER, TABLE
-from lamini_jax.mome.router import half_scores, route_jit, select_experts, zero_balance
+from lamini_jax.mome.router import route_jit, score_std, select_experts, zero_balance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +96,8 @@ def balance_router(
   """
   if rounds < 0 or rate < 0:
     raise ValueError(f"balance_router: rounds={rounds} and rate={rate} must be >= 0")
-  s1_AxTxI, s2_AxTxJ = half_scores(router, x_TxD)
   n2 = cfg.grid[1]
-  base_step = rate * jnp.std(jnp.concatenate([s1_AxTxI.ravel(), s2_AxTxJ.ravel()]))
+  base_step = rate * score_std(router, x_TxD)  # never the whole [H, T, sqrt(N)] score tables
   heads_Ax1x1 = jnp.arange(cfg.num_heads)[:, None, None]
 
   def rebalance(bias_AxI, sub_AxTxM, step):
