@@ -164,6 +164,12 @@ class Context:
     out = {k: float(np.mean(exact[a:b])) if b > a else None for k, a, b in zip(groups, ends, ends[1:])}
     return {**out, "heldout": eval_lib.heldout_metrics(model, variables, tok, self.heldout)}
 
+  def answer_loss(self, model, variables, facts: Sequence[facts_lib.Fact]) -> float:
+    """The mean over `facts` of each fact's answer loss (nats per trained token)."""
+    encoded = encoding.encode_facts(self.backbone.tokenizer, self.template, facts,
+                                    self.backbone.cfg.max_position_embeddings)
+    return float(np.mean(eval_lib.fact_losses(model, variables, encoded)))
+
 
 class Mome:
   """`tune` on the first batch, then `mome.edit` on the model loaded once, each edit committed."""
@@ -252,7 +258,7 @@ class Lora:
     fitted = tune.fit_lengths(dataclasses.replace(cfg, method="lora"), ctx.given, facts, encoded,
                               bb.cfg.max_position_embeddings)
     hook = eval_lib.recall_callback(self.model, lambda s: {"params": bb.params, "lora": s.trainable},
-                                    tok, facts, ctx.template, cfg.eval.recall_every, True)
+                                    tok, facts, ctx.template, cfg.eval.recall_every, True, forced=True)
     result = train_lib.fit(lora_tuning.make_lora_step(self.model, cfg.train.optimizer),
                            lora_tuning.fresh_state(cfg.train.optimizer)(start, self.rng), bb.params, encoded,
                            dataclasses.replace(fitted.train, checkpoint_every=0), label=label,
@@ -376,10 +382,14 @@ def run(s: Settings, cfg: runs.RunConfig, given: frozenset[str], run_dir, resume
   forget, update, kept = ([items[i] for i in sorted(part)]
                           for part in (order[:k], order[k:2 * k], order[2 * k:]))
   updated = [i.asked(updated=True) for i in update]
+  base_model = (model_lib.Transformer(backbone.cfg), {"params": backbone.params})
   for m, learner in learners.items():
     if k and ("edit", s.batches, m) not in done:
       info = {"forgotten": k, "updated": k, **learner.edit([i.fact for i in forget], updated,
                                                            [i.fact for i in kept] + updated)}
+      # The forgotten answers' loss after the edit, beside the base model's on the same tokens.
+      info["forgotten_answer_loss"] = ctx.answer_loss(*learner.model_variables(), [i.fact for i in forget])
+      info["forgotten_answer_loss_base"] = ctx.answer_loss(*base_model, [i.fact for i in forget])
       measured("edit", s.batches, m, info, {
           "recall_all": [i.fact for i in kept] + updated, "recall_kept": [i.fact for i in kept],
           "recall_updated": updated, "recall_updated_old": [i.fact for i in update],

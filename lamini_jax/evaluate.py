@@ -289,17 +289,24 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--data-dir")
   parser.add_argument("--template", default=encoding.PromptTemplate().prompt,
                       help="prompt template (ignored with --run, which has its own)")
+  parser.add_argument("--base", action="store_true",
+                      help="with --run: its backbone alone, on the run's prompt template and answer "
+                      "end (the base model to compare the run with, on the same tokens)")
   parser.add_argument("--json", type=pathlib.Path, help="also write the metrics here")
   args = parser.parse_args(argv)
   if (args.model is None) == (args.run is None):
     parser.error("give exactly one of --model (a base model) and --run (a trained model of a run)")
   if args.adapter is not None and args.run is None:
     parser.error("--adapter picks a trained model of --run; give --run RUN_DIR")
+  if args.base and args.run is None:
+    parser.error("--base evaluates the backbone of --run; give --run RUN_DIR (or --model alone)")
   try:
     if args.run is not None:
       trained = runs.load_trained(args.run, args.adapter)
       cfg, tokenizer = trained.backbone.cfg, trained.backbone.tokenizer
       model, variables, template = trained.model, trained.variables, trained.template
+      if args.base:
+        model, variables = Transformer(cfg), {"params": trained.backbone.params}
     else:
       cfg, params, model_dir = hf.load_pretrained(args.model)
       tokenizer = hf.load_tokenizer(model_dir)

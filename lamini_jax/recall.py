@@ -17,7 +17,10 @@ and again as a model trains (`recall_callback`, every few epochs), mostly withou
 
 Verdicts equal `recall`'s up to float near-ties between the two ways of computing the same
 logits (a full sequence here, a KV cache there): they agreed on every fact of every check
-of the default LoRA runs (docs/speed.md).
+of the default LoRA runs (docs/speed.md). A fact recalled only through other tokens than its
+trained ones (step 2's rare case) can sit on such a near-tie: `FactRecall.forced` says which
+facts are recalled through their trained tokens, each the argmax, and `recall_callback(...,
+forced=True)` stops training only when all of them are.
 """
 
 from __future__ import annotations
@@ -125,7 +128,8 @@ def _squash(text: str) -> str:
 class FactRecall:
   """`recall(...).exact` of fixed facts for any variables of `model`, mostly without decoding.
 
-  See the module docstring. `undecided` holds how many facts the last call decoded.
+  See the module docstring. `undecided` holds how many facts the last call decoded, `forced`
+  which facts it found recalled through their trained tokens, each the argmax after its prefix.
   """
 
   def __init__(self, model: Transformer, tokenizer, facts: Sequence[facts_lib.Fact],
@@ -134,6 +138,7 @@ class FactRecall:
     self.facts = list(facts)
     self.decode_batch_size = decode_batch_size
     self.undecided = 0
+    self.forced = np.zeros(len(facts), bool)  # the last call's facts recalled through their trained tokens
     if not self.facts:
       return
     self._eos_ids = set(model.cfg.eos_token_ids or ())
@@ -187,19 +192,19 @@ class FactRecall:
   def __call__(self, variables: Any) -> np.ndarray:
     """bool per fact: greedy decoding with `variables` reproduces the answer and stops."""
     n = len(self.facts)
-    exact, undecided = np.zeros(n, bool), np.zeros(n, bool)
+    exact, undecided, forced = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
     outs = [(index, _first_miss(self.model, variables, tokens_BxT, target_BxT))
             for index, tokens_BxT, target_BxT in self._batches]  # dispatched together
     for index, (hit_B, first_B, token_B) in outs:
       hit_B, first_B, token_B = np.asarray(hit_B), np.asarray(first_B), np.asarray(token_B)
       for row, i in enumerate(index):
         if hit_B[row]:
-          exact[i] = bool(self._trained_verdict[i])
+          exact[i] = forced[i] = bool(self._trained_verdict[i])
           undecided[i] = self._trained_verdict[i] is None
         else:
           undecided[i] = not self._miss_settled(i, int(first_B[row]), int(token_B[row]))
     idx = np.flatnonzero(undecided)
-    self.undecided = len(idx)
+    self.undecided, self.forced = len(idx), forced
     if len(idx):
       answers, stopped = _greedy(self.model, variables, self.tokenizer, [self._prompts[i] for i in idx],
                                  self.template, self._max_new, self.decode_batch_size, self._filler)
@@ -209,11 +214,13 @@ class FactRecall:
 
 def recall_callback(model: Transformer, variables_of: Callable[[train_lib.TrainState], dict[str, Any]],
                     tokenizer, facts: Sequence[facts_lib.Fact], template: encoding.PromptTemplate,
-                    every: int, stop_at_full: bool) -> Callable:
+                    every: int, stop_at_full: bool, forced: bool = False) -> Callable:
   """A `train.fit` `on_epoch` hook: exact-match recall every `every` epochs; stops at 100%.
 
   `variables_of(state)` gives the model's variables for a train state. The verdicts are
-  `recall`'s, computed by `FactRecall`.
+  `recall`'s, computed by `FactRecall`. `forced`: stop only when every fact is also recalled
+  through its trained tokens (`FactRecall.forced`), so that no verdict rests on a near-tie
+  between other tokens; the record then holds `recall_forced`, their share.
   """
   check = FactRecall(model, tokenizer, facts, template)
 
@@ -223,6 +230,9 @@ def recall_callback(model: Transformer, variables_of: Callable[[train_lib.TrainS
       return {}
     exact = check(variables_of(state))
     rate = float(np.mean(exact)) if len(exact) else float("nan")
-    return {"recall": rate, "stop": bool(stop_at_full and rate == 1.0)}
+    if not forced:
+      return {"recall": rate, "stop": bool(stop_at_full and rate == 1.0)}
+    through = float(np.mean(check.forced)) if len(exact) else float("nan")
+    return {"recall": rate, "recall_forced": through, "stop": bool(stop_at_full and rate == through == 1.0)}
 
   return on_epoch

@@ -359,7 +359,7 @@ def tune(cfg: runs.RunConfig, facts: Sequence[facts_lib.Fact], given: frozenset[
   if cfg.method == "lora":
     hook = eval_lib.recall_callback(
         lora_tuning.lora_model(model_cfg, cfg.lora), lambda s: {"params": params, "lora": s.trainable},
-        tokenizer, facts, template, cfg.eval.recall_every, cfg.eval.stop_at_full_recall)
+        tokenizer, facts, template, cfg.eval.recall_every, cfg.eval.stop_at_full_recall, forced=True)
     model, variables, result = lora_tuning.tune_lora(model_cfg, params, encoded, cfg.lora, train_cfg,
                                                      on_epoch=hook, **common)
   else:
@@ -367,7 +367,7 @@ def tune(cfg: runs.RunConfig, facts: Sequence[facts_lib.Fact], given: frozenset[
     prepared = mome_tuning.prepare(model_cfg, params, encoded, cfg.mome, general_windows=windows,
                                    general_paths=run.paths(runs.GENERAL_LABEL), mesh=mesh, **common)
     hook = eval_lib.recall_callback(prepared.model, prepared.variables_of, tokenizer, facts, template,
-                                    cfg.mome.recall_every, cfg.eval.stop_at_full_recall)
+                                    cfg.mome.recall_every, cfg.eval.stop_at_full_recall, forced=True)
     model, variables, result = mome_tuning.tune_mome(
         model_cfg, params, encoded, cfg.mome, train_cfg, on_epoch=hook, prepared=prepared,
         anchors=anchors, mesh=mesh, **common)

@@ -37,6 +37,7 @@ from lamini_jax.mome import hf_tensors
 from lamini_jax.mome import layer as layer_lib
 from lamini_jax.mome import router as router_lib
 from lamini_jax.mome import sparse_table
+from lamini_jax.mome import table as table_lib
 from lamini_jax.mome import tuning as mome_tuning
 from lamini_jax import runs
 from lamini_jax import train as train_lib
@@ -185,6 +186,24 @@ def test_torch_router_matches_route_with_ties_and_bias():
   np.testing.assert_allclose(t_w.numpy(), np.asarray(w), atol=1e-6, rtol=0)
   y = gather_apply_reference(jnp.asarray(x_TxD), idx, w, table["down"], table["up"], cfg.act)
   np.testing.assert_allclose(t_y.numpy(), np.asarray(y), atol=1e-5, rtol=0)
+  # unit_input: both sides' down projections see x / |x| (float64 reference).
+  unit = _torch_mome({"layers": [0], "num_experts": 35, "sub_keys": [5, 7], "expert_rank": 2,
+                      "num_heads": 3, "key_dim": 4, "top_k": 6, "activation": "gelu",
+                      "threshold": 0.7, "unit_input": True}, 7)
+  unit.load_state_dict({k: torch.tensor(v) for k, v in {**router, **balance, **table}.items()})
+  with torch.no_grad():
+    t_unit = unit(torch.tensor(x_TxD)).numpy()
+  x64_TxD = x_TxD.astype(np.float64) / np.linalg.norm(x_TxD.astype(np.float64), axis=1, keepdims=True)
+  z_TxKxR = np.einsum("TD,TKDR->TKR", x64_TxD, table["down"].astype(np.float64)[np.asarray(idx)]) - 0.7
+  h_TxKxR = np.asarray(jax.nn.gelu(jnp.asarray(z_TxKxR, jnp.float32)), np.float64)
+  want_TxD = np.einsum("TK,TKR,TKRD->TD", np.asarray(w, np.float64), h_TxKxR,
+                       table["up"].astype(np.float64)[np.asarray(idx)])
+  np.testing.assert_allclose(t_unit, want_TxD, atol=1e-5, rtol=0)
+  unit_cfg = dataclasses.replace(cfg, unit_input=True)
+  y_unit = table_lib.apply_experts(jnp.asarray(x_TxD), idx, w, jax.tree.map(jnp.asarray, table), unit_cfg,
+                                   gather_apply_reference)
+  np.testing.assert_allclose(np.asarray(y_unit), want_TxD, atol=1e-5, rtol=0)
+  assert np.abs(want_TxD - np.asarray(y, np.float64)).max() > 0.1  # normalizing changes the output
 
 
 def test_torch_sparse_table_gives_the_whole_tables_outputs():
@@ -229,6 +248,8 @@ def test_torch_mome_config_errors_name_the_field():
     _torch_mome({**spec, "layers": [0], "activation": "erf"}, 8)
   with pytest.raises(ValueError, match="config.mome.threshold must be a finite number >= 0, got -1"):
     _torch_mome({**spec, "layers": [0], "threshold": -1}, 8)
+  with pytest.raises(ValueError, match="config.mome.unit_input must be true or false, got 'yes'"):
+    _torch_mome({**spec, "layers": [0], "unit_input": "yes"}, 8)
 
 
 # ---------------------------------------------------------------------------
@@ -473,7 +494,7 @@ def test_mome_export_fields_are_the_layer_config_s():
   # remote code shipped with the export reads exactly those.
   layer_fields = {f.name for f in dataclasses.fields(mome_config.MomeConfig)} - {"embed_dim"}
   assert set(hf_tensors.MOME_HF_FIELDS) == layer_fields
-  read_by_remote = set(remote_config._INT_FIELDS) | {"activation", "sub_keys", "threshold"}
+  read_by_remote = set(remote_config._INT_FIELDS) | {"activation", "sub_keys", "threshold", "unit_input"}
   assert read_by_remote == layer_fields
   cfg = mome_config.MomeConfig(num_experts=35, embed_dim=7, expert_rank=2, num_heads=3, key_dim=4,
                                top_k=6, activation="relu", sub_keys=(5, 7), threshold=0.5)

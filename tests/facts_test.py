@@ -82,6 +82,12 @@ def test_fires_at_is_the_brute_force_over_positions_that_share_an_expert():
                                 [[0, 0, 1]])
   np.testing.assert_array_equal(collisions_lib.exclusive_slots(idx, w, 2, taken=[4, 8], avoid=avoid),
                                 [[1, 1, 0]])  # free before taken, whether it would fire or not
+  # A fragile slot (float rounding could drop it from the selection) is taken last of all.
+  fragile = np.array([[True, False, False]])
+  np.testing.assert_array_equal(collisions_lib.exclusive_slots(idx, w, 1, fragile=fragile), [[0, 1, 0]])
+  np.testing.assert_array_equal(collisions_lib.exclusive_slots(idx, w, 1, taken=[6, 8], fragile=fragile),
+                                [[0, 1, 0]])  # before a fragile free one, a taken one
+  np.testing.assert_array_equal(collisions_lib.exclusive_slots(idx, w, 3, fragile=fragile), [[1, 1, 1]])
 
 
 def _stored(fid, rows, reads=()):

@@ -127,6 +127,31 @@ def test_route_equals_dense_cross_attention_over_all_keys(chunk_scores, monkeypa
   np.testing.assert_allclose(got_w, ref_w / ref_w.sum(-1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
+def test_selection_margins_equal_float64_over_all_keys_with_balance():
+  router = router_lib.init_router(jax.random.PRNGKey(0), CFG)
+  x = jax.random.normal(jax.random.PRNGKey(1), (TOKENS, CFG.embed_dim))
+  n1, n2 = CFG.grid
+  k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+  balance = {"bias1": 0.3 * jax.random.normal(k1, (CFG.num_heads, n1)),
+             "bias2": 0.3 * jax.random.normal(k2, (CFG.num_heads, n2))}
+  margin_TxK, next_TxK = map(np.asarray, router_lib.selection_margins(router, x, CFG, balance))
+  # Reference: every expert's biased score in float64; the slot's minus the (top_k + 1)-th.
+  p = {k: np.asarray(v, np.float64) for k, v in {**router, **balance}.items()}
+  e = np.arange(CFG.num_experts)
+  keys_HxNxQ = np.concatenate([p["keys1"][:, e // n2], p["keys2"][:, e % n2]], axis=-1)
+  q_TxHxQ = np.einsum("td,dhq->thq", np.asarray(x, np.float64), p["query"])
+  scores_TxHxN = (np.einsum("thq,hnq->thn", q_TxHxQ, keys_HxNxQ)
+                  + p["bias1"][:, e // n2] + p["bias2"][:, e % n2])
+  top, _ = _brute_topk(scores_TxHxN, CFG.top_k + 1)
+  want = (top[..., :-1] - top[..., -1:]).reshape(TOKENS, CFG.slots)
+  np.testing.assert_allclose(margin_TxK, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(next_TxK, np.repeat(top[..., -1], CFG.top_k, axis=1), rtol=1e-5, atol=1e-5)
+  assert (margin_TxK >= 0).all()
+  # Fragile: a margin under FRAGILE_MARGIN of the next score; the least margin of each head is the last slot.
+  fragile = router_lib.fragile_slots(router, x, CFG, balance)
+  np.testing.assert_array_equal(fragile, want < router_lib.FRAGILE_MARGIN * np.abs(np.asarray(next_TxK)))
+
+
 def test_chunked_selection_with_balance_equals_one_piece(monkeypatch):
   router = router_lib.init_router(jax.random.PRNGKey(0), CFG)
   x = jax.random.normal(jax.random.PRNGKey(1), (TOKENS, CFG.embed_dim))
@@ -222,6 +247,47 @@ def test_key_rows_equal_float64_and_fire_only_near_their_inputs():
     table_lib.key_rows(table_lib.init_table(jax.random.key(0), CFG), idx_PxK, x_PxD, CFG, match=0.8)
   with pytest.raises(ValueError, match="match=1.0"):
     table_lib.key_rows(table_lib.init_table(jax.random.key(0), cfg), idx_PxK, x_PxD, cfg, match=1.0)
+
+
+def test_unit_input_keys_fire_on_the_cosine_at_any_input_length():
+  cfg = mome_config.MomeConfig(num_experts=16, embed_dim=6, expert_rank=1, num_heads=1, key_dim=4, top_k=2,
+                               activation="relu", threshold=2.0, unit_input=True)
+  rng = np.random.default_rng(2)
+  x_PxD = rng.normal(size=(2, 6)) * np.array([[1.0], [5.0]])  # inputs of different lengths
+  keyed = jax.tree.map(np.asarray, table_lib.key_rows(table_lib.init_table(jax.random.key(0), cfg),
+                                                      np.array([[3, 4], [5, 6]]), x_PxD, cfg, match=0.8))
+  u = x_PxD[0] / np.linalg.norm(x_PxD[0])
+  np.testing.assert_allclose(keyed["down"][3, :, 0], 2.0 / 0.8 * u, rtol=1e-6)
+  side = rng.normal(size=6)
+  side -= (side @ u) * u
+  side /= np.linalg.norm(side)
+  # An input at cosine c to the key fires by threshold * (c / match - 1) whatever its length, so
+  # nothing fires harder than the key's own direction; without unit_input, length counts.
+  for c in (1.0, 0.9, 0.79, -0.5):
+    for scale in (0.1, 1.0, 30.0):
+      x = scale * (c * u + np.sqrt(1 - c * c) * side)
+      h = float(cfg.act(jnp.asarray(table_lib.expert_input(x, cfg) @ keyed["down"][3, :, 0])))
+      assert h == pytest.approx(max(0.0, 2.0 * (c / 0.8 - 1.0)), abs=1e-5), (c, scale)
+  plain = dataclasses.replace(cfg, unit_input=False)
+  assert table_lib.expert_input(x_PxD, plain) is x_PxD
+  # An expert keyed to two positions tests the cosine to their mean direction: at most 0.5 there.
+  two = jax.tree.map(np.asarray, table_lib.key_rows(table_lib.init_table(jax.random.key(0), cfg),
+                                                    np.array([[7], [7]]), x_PxD, cfg, match=0.8))
+  m = x_PxD[0] / np.linalg.norm(x_PxD[0]) + x_PxD[1] / np.linalg.norm(x_PxD[1])
+  np.testing.assert_allclose(two["down"][7, :, 0], 2.0 / 0.8 * m / np.linalg.norm(m), rtol=1e-6)
+  acts = [float(cfg.act(jnp.asarray(table_lib.expert_input(x, cfg) @ two["down"][7, :, 0])))
+          for x in (m, 3 * m, x_PxD[0], x_PxD[1])]
+  assert acts[0] == pytest.approx(0.5, abs=1e-5) and acts[1] == pytest.approx(0.5, abs=1e-5)
+  assert max(acts) <= 0.5 + 1e-5
+  up = rng.normal(size=(16, 1, 6)).astype(np.float32)
+  x_TxD = np.stack([30.0 * u, 0.1 * u, 30.0 * (0.79 * u + np.sqrt(1 - 0.79 ** 2) * side)]).astype(np.float32)
+  idx_TxK, w_TxK = jnp.full((3, 1), 3, jnp.int32), jnp.ones((3, 1))
+  y_TxD = table_lib.apply_experts(jnp.asarray(x_TxD), idx_TxK, w_TxK, {"down": jnp.asarray(keyed["down"]),
+                                                                       "up": jnp.asarray(up)}, cfg)
+  np.testing.assert_allclose(np.asarray(y_TxD), np.stack([0.5 * up[3, 0], 0.5 * up[3, 0], 0 * up[3, 0]]),
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="MomeConfig.unit_input='yes' must be true or false"):
+    dataclasses.replace(cfg, unit_input="yes")
 
 
 def test_unique_rows_roundtrip_and_padding():

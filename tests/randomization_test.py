@@ -150,6 +150,14 @@ def test_evaluate_cli_reloads_a_trained_adapter(tiny_run, tmp_path, capsys):
   assert got["fact_loss"] == pytest.approx(want["fact_loss"], rel=1e-5)
   assert got["mc1"] == pytest.approx(want["mc1"]) and got["mc2"] == pytest.approx(want["mc2"], rel=1e-5)
   assert "recall" in capsys.readouterr().out
+  # --base: the run's backbone alone on the run's template gives the run's own base figures.
+  base_out = tmp_path / "base.json"
+  assert evaluate.main(["--run", str(run_dir), "--adapter", "lora-random", "--base", "--truthfulqa", "4",
+                        "--json", str(base_out)]) == 0
+  base, want_base = json.loads(base_out.read_text()), summary["models"]["base"]
+  for name in ("mc1", "mc2", "answer_loss"):
+    assert base[name] == pytest.approx(want_base[name], rel=1e-5), name
+  assert base["answer_loss"] != pytest.approx(got["answer_loss"], rel=1e-3)  # not the tuned model
   assert evaluate.main(["--run", str(run_dir), "--adapter", "nope"]) == 2
   with pytest.raises(SystemExit):  # a base model and a run at once: which one to evaluate?
     evaluate.main(["--model", runs.resolve_model_path(cfg.model.path), "--run", str(run_dir)])

@@ -103,6 +103,10 @@ def test_forgotten_facts_are_gone_and_updated_ones_recalled(tiny_run):
   assert mome["forgotten"] == mome["updated"] == 1 and mome["facts"] == 5
   assert mome["recall_forgotten"] == 0.0 and mome["recall_updated"] == 1.0
   assert mome["recall_updated_old"] == 0.0 and mome["recall_kept"] == 1.0 == mome["recall_all"]
+  # The forgotten answer's loss is back at the base model's (it was memorized: near 0 before).
+  assert mome["forgotten_answer_loss_base"] > 1.0
+  assert mome["forgotten_answer_loss"] == pytest.approx(mome["forgotten_answer_loss_base"], abs=0.05)
+  assert lora["forgotten_answer_loss_base"] == mome["forgotten_answer_loss_base"]
   assert lora["trained_facts"] == 1  # continued: the updated fact only
   # The MoME run's committed memory is the edited fact set, with the new answer.
   facts = [json.loads(line) for line in (tiny_run / sequential.FACTS_FILE).read_text().splitlines()]

@@ -101,6 +101,17 @@ def test_one_pass_recall_gives_greedy_decoding_s_verdicts(trained, facts, storie
   want = eval_lib.recall(model, scaled, stories_tokenizer, facts, TEMPLATE).exact
   np.testing.assert_array_equal(check(scaled), want)
   assert check.undecided < len(facts)
+  # forced: recalled through the trained tokens, each the argmax after its prefix (one fact a pass).
+  encoded = encoding.encode_facts(stories_tokenizer, TEMPLATE, facts, model.cfg.max_position_embeddings)
+  for i, e in enumerate(encoded):
+    logits_TxV = np.asarray(model.apply(scaled, jnp.asarray(e.tokens[None]))[0][0])
+    hits = all(np.argmax(logits_TxV[t - 1]) == e.tokens[t] for t in np.flatnonzero(e.loss_mask))
+    assert check.forced[i] == (hits and want[i]), i
+  hook = recall_lib.recall_callback(model, lambda v: v, stories_tokenizer, facts, TEMPLATE, 1, True,
+                                    forced=True)
+  record = hook(0, scaled, None)
+  assert record["recall_forced"] == np.mean(check.forced)
+  assert record["stop"] == bool(check.forced.all() and want.all())
 
 
 def test_facts_whose_trained_tokens_hold_no_stop_are_decoded(trained, facts, stories_tokenizer):

@@ -33,9 +33,11 @@ def test_the_tune_overlay_is_valid_over_the_cpu_default():
   assert str(tune.TUNE_CONFIG).endswith(OVERLAYS[0])
   mome = cfg.mome
   assert (mome.train_slots, mome.train_slot_choice, mome.key_match, mome.anchor.questions) == (
-      2, "exclusive_unread", 0.99, 0)
-  # A keyed row's activation at its own input, threshold * (1 / key_match - 1), is 0.9's at threshold 4.
-  assert mome.layer.threshold * (1 / mome.key_match - 1) == pytest.approx(4.0 * (1 / 0.9 - 1))
+      2, "exclusive_unread", 0.9999, 0)
+  # Cosine keys; a keyed row's activation at its own input, threshold * (1 / key_match - 1), is
+  # 3x what key_match 0.9 gave at threshold 4.
+  assert mome.layer.unit_input is True
+  assert mome.layer.threshold * (1 / mome.key_match - 1) == pytest.approx(3 * 4.0 * (1 / 0.9 - 1))
   assert mome.train.optimizer.learning_rate == 1.0 and mome.layers == (4,)
 
 

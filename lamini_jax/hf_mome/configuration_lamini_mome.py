@@ -12,6 +12,7 @@ are described by one extra field, `mome`, a dict:
   top_k         S experts per head, so K = H * S experts per token
   activation    relu | gelu (tanh approximation, as jax.nn.gelu) | silu | identity
   threshold     (optional, default 0) subtracted from down^T x before the activation
+  unit_input    (optional, default false) down^T sees x / |x| instead of x (the router sees x)
   stored_rows   (optional) one count per layer of `layers`: the table is stored sparse, only
                 the M rows whose `up` is not all zero (`rows` [M] ascending expert ids,
                 `down` [M, D, R], `up` [M, R, D]); every other expert adds exactly zero, as
@@ -48,6 +49,8 @@ def mome_spec(config) -> dict:
   threshold = spec.get("threshold", 0.0)
   if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
     raise ValueError(f"config.mome.threshold must be a finite number >= 0, got {threshold!r}")
+  if not isinstance(spec.get("unit_input", False), bool):
+    raise ValueError(f"config.mome.unit_input must be true or false, got {spec['unit_input']!r}")
   stored = spec.get("stored_rows")
   if stored is not None and (not isinstance(stored, list) or len(stored) != len(spec["layers"])
                              or any(isinstance(m, bool) or not isinstance(m, int)

@@ -82,6 +82,7 @@ class LaminiMome(nn.Module):
     self.top_k = spec["top_k"]
     self.act = ACTIVATIONS[spec["activation"]]
     self.threshold = float(spec.get("threshold", 0.0))
+    self.unit_input = bool(spec.get("unit_input", False))
     self.query = nn.Parameter(torch.empty(d, h, q))
     self.keys1 = nn.Parameter(torch.empty(h, n1, q // 2))
     self.keys2 = nn.Parameter(torch.empty(h, n2, q // 2))
@@ -142,7 +143,8 @@ class LaminiMome(nn.Module):
     up_TxKxRxD = self.up.index_select(0, flat).float().reshape(t, k, *self.up.shape[1:])
     if self.sparse:
       up_TxKxRxD = up_TxKxRxD * stored.reshape(t, k, 1, 1)
-    h_TxKxR = self.act(torch.einsum("TD,TKDR->TKR", x_TxD, down_TxKxDxR) - self.threshold)
+    x_in_TxD = x_TxD / x_TxD.norm(dim=-1, keepdim=True).clamp_min(1e-30) if self.unit_input else x_TxD
+    h_TxKxR = self.act(torch.einsum("TD,TKDR->TKR", x_in_TxD, down_TxKxDxR) - self.threshold)
     y_TxD = torch.einsum("TK,TKR,TKRD->TD", w_TxK, h_TxKxR, up_TxKxRxD)
     return y_TxD.reshape(x.shape).to(x.dtype)
 

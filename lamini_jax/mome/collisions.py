@@ -24,7 +24,7 @@ from lamini_jax.model import Transformer
 from lamini_jax.mome.config import MomeConfig
 from lamini_jax.mome.inputs import fact_inputs, layer_key, layer_paths, tree_get, tree_set
 from lamini_jax.mome.layer import BALANCE, ROUTER, TABLE
-from lamini_jax.mome.router import route_jit, score_std, select_experts, zero_balance
+from lamini_jax.mome.router import fragile_slots, route_jit, score_std, select_experts, zero_balance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +128,8 @@ def collision_summary(report: CollisionReport) -> dict[str, Any]:
 
 def exclusive_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, n: int,
                     prefer_unread: bool = False, taken: np.ndarray | None = None,
-                    read: np.ndarray | None = None, avoid: np.ndarray | None = None) -> np.ndarray:
+                    read: np.ndarray | None = None, avoid: np.ndarray | None = None,
+                    fragile: np.ndarray | None = None) -> np.ndarray:
   """bool [P, K]: n slots of each position (row) whose experts no other position writes, where it can.
 
   Positions in order each take n of their slots with distinct experts: first those whose
@@ -141,7 +142,9 @@ def exclusive_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, n: int,
   `idx_PxK` already write, and select without writing (a stored memory, `mome.edit.add`);
   they count as taken, and read, before the first position. `avoid` (bool [P, K]): slots to
   take only after the others that are equally free (`mome.edit`: experts whose key would fire
-  at a stored fact's answer position).
+  at a stored fact's answer position). `fragile` (bool [P, K], `router.fragile_slots`): slots
+  that float rounding alone could drop from the selection; taken last of all, since a row
+  written there may not be selected where the fact is asked.
   """
   idx_PxK = np.asarray(idx_PxK)
   if idx_PxK.shape != np.shape(w_PxK) or n < 1:
@@ -161,14 +164,16 @@ def exclusive_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, n: int,
   elif outside:
     demand_E += taken_E + count(() if read is None else read)
   avoid_PxK = np.zeros(idx_PxK.shape, bool) if avoid is None else np.asarray(avoid, bool)
+  fragile_PxK = np.zeros(idx_PxK.shape, bool) if fragile is None else np.asarray(fragile, bool)
   chosen_PxK = np.zeros(idx_PxK.shape, bool)
   for p in range(idx_PxK.shape[0]):
     experts = idx_PxK[p, best_PxK[p]]
     _, first = np.unique(experts, return_index=True)  # one slot per distinct expert
     slots = best_PxK[p, np.sort(first)]
     e = idx_PxK[p, slots]
-    # Free first, then not avoided, then the least selected; stable: ties keep the weight order.
-    pick = slots[np.lexsort((demand_E[e], avoid_PxK[p, slots], taken_E[e]))[:n]]
+    # Not fragile, then free, then not avoided, then the least selected; stable: ties keep the
+    # weight order.
+    pick = slots[np.lexsort((demand_E[e], avoid_PxK[p, slots], taken_E[e], fragile_PxK[p, slots]))[:n]]
     chosen_PxK[p, pick] = True
     taken_E[idx_PxK[p, pick]] += 1
   return chosen_PxK
@@ -195,16 +200,24 @@ def fires_at(x_PxD: np.ndarray, idx_PxK: np.ndarray, x_QxD: np.ndarray, idx_QxK:
 
 def written_slots(idx_PxK: np.ndarray, w_PxK: np.ndarray, train_slots: int | None,
                   choice: str = "first", taken: np.ndarray | None = None,
-                  read: np.ndarray | None = None, avoid: np.ndarray | None = None) -> np.ndarray:
+                  read: np.ndarray | None = None, avoid: np.ndarray | None = None,
+                  fragile: np.ndarray | None = None) -> np.ndarray:
   """bool [P, K]: the slots whose experts phase 2 writes (`MomeTuningConfig.train_slot_choice`);
-  `taken`, `read`, `avoid`: as `exclusive_slots` takes them (the exclusive choices only)."""
+  `taken`, `read`, `avoid`, `fragile`: as `exclusive_slots` takes them (the exclusive choices only)."""
   if choice in ("exclusive", "exclusive_unread"):
     return exclusive_slots(idx_PxK, w_PxK, train_slots or idx_PxK.shape[1], choice == "exclusive_unread",
-                           taken, read, avoid)
+                           taken, read, avoid, fragile)
   if choice != "first":
     raise ValueError(f"written_slots: choice={choice!r} is not 'first', 'exclusive' or 'exclusive_unread'")
   k = np.shape(idx_PxK)[1]
   return np.broadcast_to(np.arange(k) < (train_slots or k), np.shape(idx_PxK))
+
+
+def choice_fragility(router: dict[str, Any], x_PxD: np.ndarray, cfg, balance: dict[str, Any] | None,
+                     choice: str) -> np.ndarray | None:
+  """`router.fragile_slots` where the slot choice is exclusive (None for "first": every slot in
+  order, whatever its margin)."""
+  return None if choice == "first" else fragile_slots(router, x_PxD, cfg, balance)
 
 
 def fact_collisions(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
@@ -226,10 +239,11 @@ def fact_collisions(model: Transformer, variables: Any, encoded: Sequence[encodi
   out = {}
   for path in layer_paths(model):
     name = layer_key(path)
-    idx, w = route_jit(tree_get(variables[ROUTER], path), jnp.asarray(x[name]), model.mome,
-                       tree_get(variables[BALANCE], path))
+    router, balance = tree_get(variables[ROUTER], path), tree_get(variables[BALANCE], path)
+    idx, w = route_jit(router, jnp.asarray(x[name]), model.mome, balance)
     idx = np.asarray(idx)
-    written_PxK = written_slots(idx, np.asarray(w), train_slots, slot_choice)
+    written_PxK = written_slots(idx, np.asarray(w), train_slots, slot_choice,
+                                fragile=choice_fragility(router, x[name], model.mome, balance, slot_choice))
     per_fact = [e[e >= 0] for e in fact_experts(np.where(written_PxK, idx, -1), fact_P, len(encoded))]
     pos_P = np.broadcast_to(np.arange(len(idx))[:, None], idx.shape)[written_PxK]
     _, writers = np.unique(np.unique(np.stack([idx[written_PxK], pos_P]), axis=1)[0], return_counts=True)

@@ -47,6 +47,9 @@ class MomeConfig:
   threshold: a constant subtracted before the activation; with "relu" an expert
   is silent unless down^T x exceeds it (`key_rows` makes experts that fire only
   near the inputs they were keyed to).
+  unit_input: the experts' down projection sees x / |x| instead of x (the router still
+  sees x). A keyed expert then tests the cosine between x and its key and fires at most
+  as hard as at its own input (docs/tried.md, "Cosine keys").
   """
   num_experts: int = 1024  # E
   embed_dim: int | None = None  # D; None: the backbone's width (see MomeTuningConfig.layer_config)
@@ -57,6 +60,7 @@ class MomeConfig:
   activation: str = "gelu"
   sub_keys: tuple[int, int] | None = None
   threshold: float = 0.0
+  unit_input: bool = False
 
   def __post_init__(self):
     for field in ("num_experts", "embed_dim", "expert_rank", "num_heads", "key_dim", "top_k"):
@@ -71,6 +75,8 @@ class MomeConfig:
       raise ValueError(f"MomeConfig.activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
     if not (isinstance(self.threshold, (int, float)) and 0 <= self.threshold < math.inf):
       raise ValueError(f"MomeConfig.threshold={self.threshold!r} must be a finite number >= 0")
+    if not isinstance(self.unit_input, bool):
+      raise ValueError(f"MomeConfig.unit_input={self.unit_input!r} must be true or false")
     if self.sub_keys is not None:
       object.__setattr__(self, "sub_keys", tuple(self.sub_keys))
       n1, n2 = self.sub_keys if len(self.sub_keys) == 2 else (0, 0)

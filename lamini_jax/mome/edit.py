@@ -46,7 +46,7 @@ from lamini_jax.data import facts as facts_lib
 from lamini_jax import evaluate as eval_lib
 from lamini_jax.model import Transformer
 from lamini_jax.mome.anchors import ANCHOR
-from lamini_jax.mome.collisions import fires_at, written_slots
+from lamini_jax.mome.collisions import choice_fragility, fires_at, written_slots
 from lamini_jax.mome.config import MomeTuningConfig
 from lamini_jax.mome.edit_checks import check_edits, checked_new_facts
 from lamini_jax.mome.inputs import fact_inputs, layer_key, layer_paths, token_routes, tree_get, tree_set
@@ -56,7 +56,7 @@ from lamini_jax.mome.registry import StoredFact
 from lamini_jax.mome.router import route_jit
 from lamini_jax.mome.sparse_optim import LEAVES
 from lamini_jax.mome.steps import make_tuning_step
-from lamini_jax.mome.table import key_rows
+from lamini_jax.mome.table import expert_input, key_rows
 from lamini_jax.mome.tuning import batch_routes, focus_slots, tuning_state
 from lamini_jax import train as train_lib
 
@@ -163,8 +163,10 @@ def stored_facts(ed: Editor, table: Any, facts: Sequence[facts_lib.Fact], added:
   rows = lambda attr: np.concatenate([np.asarray(getattr(f, attr).get(ed.layer, ()), np.int64)
                                       for f in stored] + [np.zeros(0, np.int64)])
   avoid = None if _first_slots(ed) or not stored else _would_fire(ed, table, x, idx, stored)
+  fragile = choice_fragility(tree_get(ed.frozen[ROUTER], ed.path), x, ed.model.mome,
+                             tree_get(ed.frozen[BALANCE], ed.path), spec.train_slot_choice)
   written_PxK = written_slots(idx, w, spec.train_slots, spec.train_slot_choice,
-                              rows("experts"), rows("reads"), avoid)
+                              rows("experts"), rows("reads"), avoid, fragile)
   out = []
   for i, f in enumerate(facts):
     mine, mask = idx[fact_P == i], written_PxK[fact_P == i]
@@ -185,7 +187,8 @@ def _would_fire(ed: Editor, table: Any, x_PxD: np.ndarray, idx_PxK: np.ndarray,
   if not readers:
     return np.zeros(idx_PxK.shape, bool)
   x_QxD, idx_QxK, _, _ = answer_routes(ed, table, ed.encode([as_fact(f) for f in readers]))
-  return fires_at(x_PxD, idx_PxK, x_QxD, idx_QxK, ed.spec.key_match)
+  cfg = ed.model.mome
+  return fires_at(expert_input(x_PxD, cfg), idx_PxK, expert_input(x_QxD, cfg), idx_QxK, ed.spec.key_match)
 
 
 def written_mask(ed: Editor, entries: Sequence[StoredFact], fact_P: np.ndarray, k: int) -> np.ndarray:
@@ -222,7 +225,7 @@ def fired_rows(ed: Editor, table: Any, facts: Sequence[StoredFact], rows: np.nda
     return out
   keys_HxDxR = np.asarray(jnp.take(tree_get(table, ed.path)["down"],
                                    jnp.asarray(idx_PxK[p, k], jnp.int32), axis=0), np.float64)
-  pre_HxR = np.einsum("hd,hdr->hr", x_PxD[p].astype(np.float64), keys_HxDxR)
+  pre_HxR = np.einsum("hd,hdr->hr", expert_input(x_PxD[p].astype(np.float64), ed.model.mome), keys_HxDxR)
   fires = np.any(pre_HxR > ed.model.mome.threshold * (1 - 1e-5), axis=1)  # float32's edge counts as firing
   for i in range(len(facts)):
     out[i] = np.unique(idx_PxK[p[fires], k[fires]][fact_P[p[fires]] == i]).astype(np.int64)
@@ -315,7 +318,7 @@ def retrain(ed: Editor, table: Any, entries: Sequence[StoredFact], rows: np.ndar
   trained = np.union1d(rows, own).astype(np.int64)
   rows_N[trained] = True
   hook = eval_lib.recall_callback(model, lambda s: ed.variables(s.trainable), ed.tokenizer, facts,
-                                  ed.template, recall_every, stop_at_full=True)
+                                  ed.template, recall_every, stop_at_full=True, forced=True)
   extras = lambda batch: (batch_routes(routes_FxTxK, batch),
                           focus_slots(routes_FxTxK, batch, rows_N, slot_limit))
   result = train_lib.fit(step, state, frozen, encoded, train_cfg, pad_id=ed.pad_id, label="edit",

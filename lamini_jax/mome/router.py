@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lamini_jax.mome.config import MomeConfig
 
@@ -260,3 +261,36 @@ def route(
 
 
 route_jit = jax.jit(route, static_argnums=2)  # route with a static MomeConfig
+
+
+# A slot whose selection score beats its head's best unselected expert by less than this share of
+# that expert's score can leave the top-k under float rounding alone (another batch shape, a KV
+# cache, float64): `fragile_slots`, which the exclusive slot choice writes last.
+FRAGILE_MARGIN = 1e-4
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def selection_margins(router: dict[str, jax.Array], x_TxD: jax.Array, cfg: MomeConfig,
+                      balance: dict[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+  """(margin_TxK, next_TxK): each slot's selection score (balance bias in, as `route` selects)
+  minus that of its head's best unselected expert, and that expert's score; slots as `route`'s."""
+  q_AxTxQ = jnp.einsum("TD,DAQ->ATQ", x_TxD, router["query"])
+  e_AxTxN = select_experts(q_AxTxQ, router["keys1"], router["keys2"], cfg.top_k + 1, balance)
+  n2, half = router["keys2"].shape[1], q_AxTxQ.shape[-1] // 2
+  pick = jax.vmap(lambda keys_IxC, sub_TxN: keys_IxC[sub_TxN])
+  score_AxTxN = (jnp.einsum("ATC,ATNC->ATN", q_AxTxQ[..., :half], pick(router["keys1"], e_AxTxN // n2))
+                 + jnp.einsum("ATC,ATNC->ATN", q_AxTxQ[..., half:], pick(router["keys2"], e_AxTxN % n2)))
+  if balance is not None:
+    bias = jax.vmap(lambda b_I, sub_TxN: b_I[sub_TxN])
+    score_AxTxN += bias(balance["bias1"], e_AxTxN // n2) + bias(balance["bias2"], e_AxTxN % n2)
+  to_slots = lambda a_AxTxM: einops.rearrange(a_AxTxM, "a t m -> t (a m)")
+  next_AxTx1 = score_AxTxN[..., -1:]
+  return (to_slots(score_AxTxN[..., :-1] - next_AxTx1),
+          to_slots(jnp.broadcast_to(next_AxTx1, score_AxTxN[..., :-1].shape)))
+
+
+def fragile_slots(router: dict[str, jax.Array], x_TxD: jax.Array, cfg: MomeConfig,
+                  balance: dict[str, jax.Array] | None = None) -> np.ndarray:
+  """bool [T, K]: the slots within `FRAGILE_MARGIN` of leaving their head's top-k."""
+  margin_TxK, next_TxK = selection_margins(router, jnp.asarray(x_TxD), cfg, balance)
+  return np.asarray(margin_TxK) < FRAGILE_MARGIN * np.abs(np.asarray(next_TxK))

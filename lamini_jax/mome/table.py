@@ -73,7 +73,16 @@ def apply_experts(
   """sum_k w_k * expert_k(x); over a row-sharded table when a mesh is given."""
   if mesh is not None:
     gather_apply = sharding.shard_gather_apply(gather_apply, mesh)
-  return gather_apply(x_TxD, idx_TxK, w_TxK, table["down"], table["up"], cfg.act)
+  return gather_apply(expert_input(x_TxD, cfg), idx_TxK, w_TxK, table["down"], table["up"], cfg.act)
+
+
+def expert_input(x_XxD, cfg: MomeConfig):
+  """What the experts' down projection sees: x, or x / |x| with `cfg.unit_input` (numpy in,
+  numpy out)."""
+  if not cfg.unit_input:
+    return x_XxD
+  xp = np if isinstance(x_XxD, np.ndarray) else jnp
+  return x_XxD / xp.maximum(xp.linalg.norm(x_XxD, axis=-1, keepdims=True), 1e-30)
 
 
 def key_rows(table: Table, idx_PxK: np.ndarray, x_PxD: np.ndarray, cfg: MomeConfig,
@@ -81,7 +90,9 @@ def key_rows(table: Table, idx_PxK: np.ndarray, x_PxD: np.ndarray, cfg: MomeConf
   """The table with every expert selected in idx_PxK keyed to the inputs that select it.
 
   Expert e, selected at positions P_e, gets down[e, :, r] = a * m / |m|^2 for
-  every r, with m the mean of x over P_e and a = cfg.threshold / match, so
+  every r, with m the mean of x over P_e (with `cfg.unit_input`, the mean of x / |x| scaled
+  to length 1: proj is then the cosine to that direction, so an expert keyed to several
+  positions fires no harder anywhere than at its own direction) and a = cfg.threshold / match, so
   down^T x - threshold = threshold * (proj(x) / match - 1), proj(x) = x . m / |m|^2:
   with a "relu" activation the expert fires (with threshold * (1 / match - 1)
   at x = m) only where x projects onto m at least `match` of m's length, and is
@@ -95,7 +106,7 @@ def key_rows(table: Table, idx_PxK: np.ndarray, x_PxD: np.ndarray, cfg: MomeConf
     raise ValueError(f"key_rows: needs MomeConfig.threshold > 0, got {cfg.threshold}")
   if not 0 < match < 1:
     raise ValueError(f"key_rows: match={match} must be in (0, 1)")
-  idx_PxK, x_PxD = np.asarray(idx_PxK), np.asarray(x_PxD, np.float64)
+  idx_PxK, x_PxD = np.asarray(idx_PxK), expert_input(np.asarray(x_PxD, np.float64), cfg)
   if idx_PxK.shape[0] != x_PxD.shape[0]:
     raise ValueError(f"key_rows: {idx_PxK.shape[0]} positions of experts, {x_PxD.shape[0]} inputs")
   flat = idx_PxK.ravel()
@@ -111,6 +122,8 @@ def key_rows(table: Table, idx_PxK: np.ndarray, x_PxD: np.ndarray, cfg: MomeConf
   sums_UxD = np.add.reduceat(x_PxD[pos[order]], starts, axis=0)
   mean_UxD = sums_UxD / np.diff(np.append(starts, len(order)))[:, None]
   norm2_U = np.maximum(np.sum(mean_UxD**2, axis=1, keepdims=True), 1e-30)
+  if cfg.unit_input:  # m / |m|: the cosine to the inputs' mean direction, at most 1 (see above)
+    mean_UxD, norm2_U = mean_UxD / np.sqrt(norm2_U), np.ones_like(norm2_U)
   key_UxD = (cfg.threshold / match) * mean_UxD / norm2_U
   rows_UxDxR = np.repeat(key_UxD[:, :, None], cfg.expert_rank, axis=2)
   return _set_down(table, jnp.asarray(uniq_U, jnp.int32), jnp.asarray(rows_UxDxR, table["down"].dtype))

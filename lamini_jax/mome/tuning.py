@@ -35,7 +35,8 @@ from lamini_jax.data import batches as batch_lib
 from lamini_jax.data import encoding
 from lamini_jax.model import Transformer
 from lamini_jax.mome.anchors import ANCHOR
-from lamini_jax.mome.collisions import adds_zero, balance_facts, fact_collisions, written_slots
+from lamini_jax.mome.collisions import adds_zero, balance_facts, choice_fragility, fact_collisions
+from lamini_jax.mome.collisions import written_slots
 from lamini_jax.mome.config import MomeTuningConfig
 from lamini_jax.mome.inputs import (fact_inputs, fact_slots, layer_key, layer_paths, token_routes, tree_get,
                                     tree_set)
@@ -208,10 +209,10 @@ def key_experts(model: Transformer, variables: Any, encoded: Sequence[encoding.E
     if x is None or not fixed:
       x, _ = fact_inputs(model, {**variables, TABLE: tables}, encoded)
     name = layer_key(path)
-    idx, w = route_jit(tree_get(variables[ROUTER], path), jnp.asarray(x[name]), model.mome,
-                       tree_get(variables[BALANCE], path))
-    idx = np.asarray(idx)
-    written_PxK = written_slots(idx, np.asarray(w), train_slots, slot_choice)
+    router, balance = tree_get(variables[ROUTER], path), tree_get(variables[BALANCE], path)
+    idx, w = map(np.asarray, route_jit(router, jnp.asarray(x[name]), model.mome, balance))
+    written_PxK = written_slots(idx, w, train_slots, slot_choice,
+                                fragile=choice_fragility(router, x[name], model.mome, balance, slot_choice))
     tables = tree_set(tables, path, key_rows(tree_get(tables, path), np.where(written_PxK, idx, -1),
                                              x[name], model.mome, match, only=np.unique(idx[written_PxK])))
   return tables
@@ -224,10 +225,11 @@ def exclusive_focus(model: Transformer, variables: Any, encoded: Sequence[encodi
   answer positions, as `spec.train_slot_choice` chooses them (`fact_slots`)."""
   path = layer_paths(model)[0]
   x = (inputs if inputs is not None else fact_inputs(model, variables, encoded))[0][layer_key(path)]
-  idx, w = route_jit(tree_get(variables[ROUTER], path), jnp.asarray(x), model.mome,
-                     tree_get(variables[BALANCE], path))
-  return fact_slots(encoded, written_slots(np.asarray(idx), np.asarray(w), spec.train_slots,
-                                           spec.train_slot_choice))
+  router, balance = tree_get(variables[ROUTER], path), tree_get(variables[BALANCE], path)
+  idx, w = route_jit(router, jnp.asarray(x), model.mome, balance)
+  choice = spec.train_slot_choice
+  return fact_slots(encoded, written_slots(np.asarray(idx), np.asarray(w), spec.train_slots, choice,
+                                           fragile=choice_fragility(router, x, model.mome, balance, choice)))
 
 
 @dataclasses.dataclass
