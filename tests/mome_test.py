@@ -270,15 +270,14 @@ def test_unit_input_keys_fire_on_the_cosine_at_any_input_length():
       assert h == pytest.approx(max(0.0, 2.0 * (c / 0.8 - 1.0)), abs=1e-5), (c, scale)
   plain = dataclasses.replace(cfg, unit_input=False)
   assert table_lib.expert_input(x_PxD, plain) is x_PxD
-  # An expert keyed to two positions tests the cosine to their mean direction: at most 0.5 there.
+  # An expert keyed to two positions: m, the mean of their unit inputs, is shorter than 1, and the
+  # expert fires by threshold * (proj / match - 1), proj = x / |x| . m / |m|^2, up to 1 / |m| past 1.
   two = jax.tree.map(np.asarray, table_lib.key_rows(table_lib.init_table(jax.random.key(0), cfg),
                                                     np.array([[7], [7]]), x_PxD, cfg, match=0.8))
-  m = x_PxD[0] / np.linalg.norm(x_PxD[0]) + x_PxD[1] / np.linalg.norm(x_PxD[1])
-  np.testing.assert_allclose(two["down"][7, :, 0], 2.0 / 0.8 * m / np.linalg.norm(m), rtol=1e-6)
-  acts = [float(cfg.act(jnp.asarray(table_lib.expert_input(x, cfg) @ two["down"][7, :, 0])))
-          for x in (m, 3 * m, x_PxD[0], x_PxD[1])]
-  assert acts[0] == pytest.approx(0.5, abs=1e-5) and acts[1] == pytest.approx(0.5, abs=1e-5)
-  assert max(acts) <= 0.5 + 1e-5
+  m = (x_PxD[0] / np.linalg.norm(x_PxD[0]) + x_PxD[1] / np.linalg.norm(x_PxD[1])) / 2
+  np.testing.assert_allclose(two["down"][7, :, 0], 2.0 / 0.8 * m / (m @ m), rtol=1e-6)
+  at_m = float(cfg.act(jnp.asarray(table_lib.expert_input(3 * m, cfg) @ two["down"][7, :, 0])))
+  assert at_m == pytest.approx(2.0 * (1 / np.linalg.norm(m) / 0.8 - 1.0), abs=1e-5) and at_m > 0.5
   up = rng.normal(size=(16, 1, 6)).astype(np.float32)
   x_TxD = np.stack([30.0 * u, 0.1 * u, 30.0 * (0.79 * u + np.sqrt(1 - 0.79 ** 2) * side)]).astype(np.float32)
   idx_TxK, w_TxK = jnp.full((3, 1), 3, jnp.int32), jnp.ones((3, 1))

@@ -90,9 +90,9 @@ def key_rows(table: Table, idx_PxK: np.ndarray, x_PxD: np.ndarray, cfg: MomeConf
   """The table with every expert selected in idx_PxK keyed to the inputs that select it.
 
   Expert e, selected at positions P_e, gets down[e, :, r] = a * m / |m|^2 for
-  every r, with m the mean of x over P_e (with `cfg.unit_input`, the mean of x / |x| scaled
-  to length 1: proj is then the cosine to that direction, so an expert keyed to several
-  positions fires no harder anywhere than at its own direction) and a = cfg.threshold / match, so
+  every r, with m the mean of x over P_e (of x / |x| with `cfg.unit_input`: proj is then
+  the cosine for a single position; the mean of several unit inputs is shorter than 1, so such
+  a key fires up to 1 / |m| times as hard, and a little wider) and a = cfg.threshold / match, so
   down^T x - threshold = threshold * (proj(x) / match - 1), proj(x) = x . m / |m|^2:
   with a "relu" activation the expert fires (with threshold * (1 / match - 1)
   at x = m) only where x projects onto m at least `match` of m's length, and is
@@ -122,8 +122,6 @@ def key_rows(table: Table, idx_PxK: np.ndarray, x_PxD: np.ndarray, cfg: MomeConf
   sums_UxD = np.add.reduceat(x_PxD[pos[order]], starts, axis=0)
   mean_UxD = sums_UxD / np.diff(np.append(starts, len(order)))[:, None]
   norm2_U = np.maximum(np.sum(mean_UxD**2, axis=1, keepdims=True), 1e-30)
-  if cfg.unit_input:  # m / |m|: the cosine to the inputs' mean direction, at most 1 (see above)
-    mean_UxD, norm2_U = mean_UxD / np.sqrt(norm2_U), np.ones_like(norm2_U)
   key_UxD = (cfg.threshold / match) * mean_UxD / norm2_U
   rows_UxDxR = np.repeat(key_UxD[:, :, None], cfg.expert_rank, axis=2)
   return _set_down(table, jnp.asarray(uniq_U, jnp.int32), jnp.asarray(rows_UxDxR, table["down"].dtype))
