@@ -48,8 +48,8 @@ class MomeConfig:
   is silent unless down^T x exceeds it (`key_rows` makes experts that fire only
   near the inputs they were keyed to).
   unit_input: the experts' down projection sees x / |x| instead of x (the router still
-  sees x). A keyed expert then tests the cosine between x and its key and fires at most
-  as hard as at its own input (docs/tried.md, "Cosine keys").
+  sees x). A keyed expert then tests the cosine between x and its key; keyed to one position
+  it fires at most as hard as at that position's input (docs/tried.md, "Cosine keys").
   """
   num_experts: int = 1024  # E
   embed_dim: int | None = None  # D; None: the backbone's width (see MomeTuningConfig.layer_config)

@@ -92,7 +92,8 @@ def key_rows(table: Table, idx_PxK: np.ndarray, x_PxD: np.ndarray, cfg: MomeConf
   Expert e, selected at positions P_e, gets down[e, :, r] = a * m / |m|^2 for
   every r, with m the mean of x over P_e (of x / |x| with `cfg.unit_input`: proj is then
   the cosine for a single position; the mean of several unit inputs is shorter than 1, so such
-  a key fires up to 1 / |m| times as hard, and a little wider) and a = cfg.threshold / match, so
+  a key reaches proj = 1 / |m|, firing harder than at its inputs and a little wider) and
+  a = cfg.threshold / match, so
   down^T x - threshold = threshold * (proj(x) / match - 1), proj(x) = x . m / |m|^2:
   with a "relu" activation the expert fires (with threshold * (1 / match - 1)
   at x = m) only where x projects onto m at least `match` of m's length, and is
