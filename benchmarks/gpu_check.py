@@ -5,21 +5,22 @@
 
 Writes DIR/gpu_check.md (default `$OUT`, else `gpu_check_out/`): one table of steps with their
 status and seconds, then each step's last output lines; every step's full log is beside it. Steps,
-each in its own process with its own time limit (about 8 minutes in all):
+each in its own process with its own time limit (about 15 minutes at most;
+`--steps` runs some of them):
 
   1. environment: devices, jax/jaxlib, whether jax-triton imports, which kernel `auto` takes;
   2. kernels: forward and `jax.vjp` (dx, dw, d down, d up) of every gather-and-apply kernel the
-     backend has, against the pure-jnp reference, float32 and bfloat16, with duplicate indices
-     (`kernel_check` below);
+     backend has, against float32 math on the same inputs, float32 and bfloat16, with duplicate
+     indices, the XLA gather + einsum's error beside it (`kernel_check` below);
   3. the scatter-add hazard: jaxlib 0.10.2 to 0.11.0 compile a float32 scatter-add under index
      contention (the expert table's backward) to a compare-and-swap loop on NVIDIA GPUs,
      reported 450-2000x slower (openxla/xla#46225, jax-ml/jax#38806); timed alone, without and
      with the LLVM option `-nvptx-allow-ftz-atomics` passed through XLA_FLAGS
      (`--xla_backend_extra_options=...`, the reported workaround), each in a fresh process
      since XLA reads XLA_FLAGS once;
-  4. `benchmarks.gather_apply --preset gpu --check`, `benchmarks.mome_step --config` at 2^10 and
-     2^20 (needs ../shared), `benchmarks.train_step` for LoRA and MoME at Llama 3 8B's shapes,
-     and `benchmarks.decode`.
+  4. `benchmarks.gather_apply --preset gpu --check`; `benchmarks.train_step` at Llama 3 8B's
+     shapes for MoME (the XLA gather + einsum, which `auto` takes, then Triton) and LoRA;
+     `benchmarks.mome_step --config` at 2^10 and 2^20 (needs ../shared); `benchmarks.decode`.
 
 The machine may lack packages the project needs (`datasets`, `jax-triton`): carry them as wheels
 (see the device tool's README) and install them before this script; it reports what is missing.
@@ -67,16 +68,21 @@ def kernel_check(smoke: bool) -> int:
     impls, smoke = ["pallas_interpret"], True
   t, k, d, log2_e = (9, 4, 16, 6) if smoke else (257, 32, 512, 14)
   failures = 0
-  print(f"{'impl':<17} {'dtype':<9} {'rank':>4} {'output':<6} {'max rel err':>12}  ok")
+  print("max |impl - f32| / max |f32|: float32 math on the same inputs; `xla err`: the XLA gather +"
+        " einsum in the same dtype, beside it")
+  print(f"{'impl':<17} {'dtype':<9} {'rank':>4} {'output':<6} {'max rel err':>12} {'xla err':>9}  ok")
   for impl in impls:
     fn = dispatch.get_gather_apply(impl)
     for dtype in ("float32", "bfloat16"):
       for rank in (1, 4):
         errs = _errors(fn, t, k, d, rank, 2**log2_e, jnp.dtype(dtype))
-        for out, err in errs.items():
-          ok = err <= TOLERANCE[dtype]
+        for out, (err, xla_err) in errs.items():
+          # In bfloat16 the table gradients of both sum their duplicate rows with XLA's bfloat16
+          # scatter-add: the kernel is held to the tolerance, or to 1.5x XLA's own error.
+          ok = err <= TOLERANCE[dtype] or dtype == "bfloat16" and err <= 1.5 * xla_err
           failures += not ok
-          print(f"{impl:<17} {dtype:<9} {rank:>4} {out:<6} {err:>12.2e}  {'yes' if ok else 'NO'}")
+          print(f"{impl:<17} {dtype:<9} {rank:>4} {out:<6} {err:>12.2e} {xla_err:>9.2e}"
+                f"  {'yes' if ok else 'NO'}")
   print(f"{failures} failure(s)")
   return 1 if failures or native is not None and native not in impls else 0
 
@@ -89,7 +95,12 @@ def _runs(impl: str) -> bool:
     return False
 
 
-def _errors(fn, t, k, d, rank, experts, dtype) -> dict[str, float]:
+def _errors(fn, t, k, d, rank, experts, dtype) -> dict[str, tuple[float, float]]:
+  """{output: (the kernel's error, XLA's error)}, each the max abs difference from float32 math on
+  the same (rounded) inputs, over the largest magnitude of that float32 result.
+
+  In bfloat16 the table gradients sum hundreds of duplicate-index terms per row: XLA's bfloat16
+  scatter-add rounds at every add, so a bfloat16 reference is not the truth to compare with."""
   keys = jax.random.split(jax.random.key(0), 5)
   x = jax.random.normal(keys[0], (t, d), dtype)
   idx = jax.random.randint(keys[1], (t, k), 0, 8).at[:, : k // 2].set(  # duplicates, within and
@@ -98,19 +109,22 @@ def _errors(fn, t, k, d, rank, experts, dtype) -> dict[str, float]:
   down = (jax.random.normal(keys[4], (experts, d, rank)) * d**-0.5).astype(dtype)
   up = (jax.random.normal(keys[4], (experts, rank, d)) * rank**-0.5).astype(dtype)
   dy = jax.random.normal(keys[2], (t, d), dtype)
-  args = (x, idx, w, down, up)
+  f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
 
-  def outputs(f):
+  def outputs(f, x, w, down, up, dy):
     y, vjp = jax.vjp(lambda x, w, down, up: f(x, idx, w, down, up, jax.nn.gelu), x, w, down, up)
     return (y, *vjp(dy))
 
-  got = jax.jit(lambda: outputs(fn))()
-  ref = jax.jit(lambda: outputs(ga.gather_apply_reference))()
-  del args
+  args = (x, w, down, up, dy)
+  got = jax.jit(lambda: outputs(fn, *args))()
+  xla = jax.jit(lambda: outputs(ga.gather_apply_reference, *args))()
+  truth = jax.jit(lambda: outputs(ga.gather_apply_reference, *f32(args)))()
+
+  def err(a, b):
+    return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+
   names = ("y", "dx", "dw", "ddown", "dup")
-  return {n: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-                   / (float(jnp.max(jnp.abs(b.astype(jnp.float32)))) + 1e-30))
-          for n, a, b in zip(names, got, ref)}
+  return {n: (err(a, c), err(b, c)) for n, a, b, c in zip(names, got, xla, truth)}
 
 
 def scatter_time(smoke: bool) -> int:
@@ -149,18 +163,20 @@ def _steps(smoke: bool) -> list[Step]:
   shared = (REPO.parent / "shared" / "models" / "stories260K-hf").is_dir()
   steps += [Step("gather_apply", py + ("-m", "benchmarks.gather_apply", "--preset", "gpu", "--check"),
                  90)]
+  mome = py + ("-m", "benchmarks.train_step", "--method", "mome", "--layers", "8", "--batch", "32",
+               "--steps", "5", "--experts", str(2**20))
+  steps += [  # the step timings first: with `--steps`, a short lease runs the most wanted ones
+      Step("train_step mome xla", mome + ("--gather-apply", "reference"), 100),  # what auto takes
+      Step("train_step mome triton", mome + ("--gather-apply", "triton"), 100),
+      Step("train_step lora", py + ("-m", "benchmarks.train_step", "--method", "lora", "--layers", "8",
+                                    "--batch", "32", "--steps", "5"), 120),
+  ]
   if shared:
     steps.append(Step("mome_step", py + ("-m", "benchmarks.mome_step", "--config",
                                          "configs/randomization_cpu.yaml", "--sizes", "10,20",
-                                         "--reps", "5", "--dense-reps", "2"), 90))
-  steps += [
-      Step("train_step lora", py + ("-m", "benchmarks.train_step", "--method", "lora", "--layers", "8",
-                                    "--batch", "32", "--steps", "5"), 100),
-      Step("train_step mome", py + ("-m", "benchmarks.train_step", "--method", "mome", "--layers", "8",
-                                    "--batch", "32", "--steps", "5", "--experts", str(2**20)), 100),
-      Step("decode", py + ("-m", "benchmarks.decode", "--models", "llama3-8b-2l",
-                           "--dtype", "bfloat16"), 60),
-  ]
+                                         "--reps", "5", "--dense-reps", "2"), 150))
+  steps.append(Step("decode", py + ("-m", "benchmarks.decode", "--models", "llama3-8b-2l",
+                                    "--dtype", "bfloat16"), 120))
   return steps
 
 
@@ -175,23 +191,29 @@ print("gather-apply auto:", dispatch.explain("auto"))
 """
 
 
-def run_all(out: pathlib.Path, smoke: bool) -> int:
+def run_all(out: pathlib.Path, smoke: bool, only: tuple[str, ...] = ()) -> int:
+  steps = _steps(smoke)
+  unknown = sorted(set(only) - {s.name for s in steps})
+  if unknown:
+    raise SystemExit(f"--steps: no step named {unknown}; steps: {', '.join(s.name for s in steps)}")
   out.mkdir(parents=True, exist_ok=True)
   rows, tails = [], []
-  for step in _steps(smoke):
+  for step in (s for s in steps if not only or s.name in only):
     log = out / (step.name.replace(" ", "_").replace("-", "_") + ".log")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **dict(step.env)}
+    # Offline unless told otherwise: the steps read local files only, and a lent GPU machine
+    # reaches no hub (a lookup there waits out its timeouts).
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **os.environ, "PYTHONUNBUFFERED": "1",
+           **dict(step.env)}
     start = time.perf_counter()
-    try:
-      done = subprocess.run(step.argv, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=step.limit_s)
-      status, text = ("ok" if done.returncode == 0 else f"exit {done.returncode}"), done.stdout + done.stderr
-    except subprocess.TimeoutExpired as e:
-      status = f"timed out ({step.limit_s} s)"
-      text = (e.stdout or b"").decode() + (e.stderr or b"").decode() if isinstance(e.stdout, bytes) else (
-          (e.stdout or "") + (e.stderr or ""))
+    with log.open("w") as sink:  # streamed, so a step that times out keeps what it printed
+      try:
+        done = subprocess.run(step.argv, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                              timeout=step.limit_s)
+        status = "ok" if done.returncode == 0 else f"exit {done.returncode}"
+      except subprocess.TimeoutExpired:
+        status = f"timed out ({step.limit_s} s)"
     seconds = time.perf_counter() - start
-    log.write_text(text)
+    text = log.read_text(errors="replace")
     last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
     rows.append(f"| {step.name} | {status} | {seconds:.0f} | {last[:120].replace('|', '/')} |")
     env_note = f"  (env {dict(step.env)})" if step.env else ""
@@ -211,6 +233,8 @@ def main() -> int:
   parser.add_argument("--out", type=pathlib.Path,
                       default=pathlib.Path(os.environ.get("OUT", "gpu_check_out")))
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, CPU-only steps")
+  parser.add_argument("--steps", default="",
+                      help="comma-separated step names to run (default: all), e.g. 'kernels,decode'")
   parser.add_argument("--kernel-check", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--scatter", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -221,7 +245,7 @@ def main() -> int:
   if importlib.util.find_spec("lamini_jax") is None:
     print("lamini_jax does not import: `pip install --no-deps --no-build-isolation -e .` first")
     return 2
-  return run_all(args.out, args.smoke)
+  return run_all(args.out, args.smoke, tuple(n.strip() for n in args.steps.split(",") if n.strip()))
 
 
 if __name__ == "__main__":

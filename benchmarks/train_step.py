@@ -288,8 +288,9 @@ def format_table(bench: BenchConfig, cfg: ModelConfig, peak: Peak, rows: list[di
       f"{bench.dtype}, f32 accumulation; seq {bench.seq}; median of {bench.steps} steps after "
       f"{bench.warmup} warm-up.",
       f"lora: r={bench.lora_rank} on q,k,v,o,gate,up,down, Adafactor (paper's lr 2e-4). "
-      f"mome: {spec.num_experts} experts of rank {spec.expert_rank} at layer(s) "
-      f"{','.join(map(str, bench.mome_layers))}, {spec.num_heads}x{spec.top_k} slots per token, frozen "
+      f"mome: {spec.layer.num_experts} experts of rank {spec.layer.expert_rank} at layer(s) "
+      f"{','.join(map(str, bench.mome_layers))}, {spec.layer.num_heads}x{spec.layer.top_k} slots per"
+      " token, frozen "
       f"router, sparse Adafactor rows, margin {spec.margin:g}, gather-apply "
       f"{dispatch.resolve(bench.gather_apply)}.",
       "model GFLOP/tok: lamini_jax.flops convention (frozen 4/param, trainable 6/param, attention "

@@ -205,7 +205,7 @@ def test_pallas_forward_and_vjp_match_reference(case, dtype, activation):
 def test_dispatch_resolves_per_backend_and_rejects_bad_requests():
   assert dispatch.resolve("auto", backend="cpu") == "reference"
   assert dispatch.resolve("auto", backend="tpu") == "pallas"
-  assert dispatch.resolve("auto", backend="gpu") == ("triton" if gpu_ga.available() else "reference")
+  assert dispatch.resolve("auto", backend="gpu") == "reference"  # measured no slower (docs/kernels.md)
   assert dispatch.get_gather_apply("auto") is ga.gather_apply_reference  # tests run on CPU
   with pytest.raises(ValueError, match="not one of"):
     dispatch.get_gather_apply("cuda")

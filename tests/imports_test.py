@@ -1,6 +1,7 @@
 """The package's import graph: acyclic, every import at module level, every module small."""
 
 import ast
+import importlib.metadata
 import importlib.util
 import pathlib
 import shutil
@@ -115,10 +116,28 @@ def test_installed_names_are_the_project_s_own():
   spec = importlib.util.find_spec("lamini_jax_kernels.gather_apply")
   assert spec is not None
   assert pathlib.Path(spec.origin).read_text() == (ROOT / "kernels" / "gather_apply.py").read_text()
-  for generic in ("kernels", "experiments", "benchmarks"):  # from the checkout (cwd), if at all
-    found = importlib.util.find_spec(generic)
-    assert found is None or ROOT in pathlib.Path(found.submodule_search_locations[0]).resolve().parents \
-        or pathlib.Path(found.submodule_search_locations[0]).resolve().parent == ROOT, found
+  owners = importlib.metadata.packages_distributions()
+  for generic in ("kernels", "experiments", "benchmarks"):  # from the checkout (cwd), another
+    found = importlib.util.find_spec(generic)                # distribution's, or not at all
+    assert not {"lamini-jax", "lamini_jax"} & set(owners.get(generic, ())), owners.get(generic)
+    if found is None or owners.get(generic):
+      continue
+    assert pathlib.Path(found.submodule_search_locations[0]).resolve().parent == ROOT, found
+
+
+def test_running_from_the_checkout_leaves_the_name_kernels_to_its_distribution():
+  """A command run from the checkout has the checkout on sys.path, where the folder `kernels/`
+  would answer to Hugging Face's `kernels` (a dependency of transformers 5.x) and break
+  `import transformers.activations`; `kernels/__init__.py` hands the name over."""
+  code = ("import importlib.metadata, kernels, transformers.activations\n"
+          "try:\n  importlib.metadata.version('kernels'); print('installed', kernels.__file__)\n"
+          "except importlib.metadata.PackageNotFoundError:\n  print('absent', kernels.__file__)\n")
+  done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  state, origin = done.stdout.split()
+  inside = ROOT in pathlib.Path(origin).resolve().parents
+  assert inside == (state == "absent"), done.stdout
 
 
 @pytest.mark.slow
