@@ -112,13 +112,20 @@ def recall(model: Transformer, variables: Any, tokenizer, facts: Sequence[facts_
 @functools.partial(jax.jit, static_argnames=("model",))
 def _first_miss(model: Transformer, variables: Any, tokens_BxT: jax.Array, target_BxT: jax.Array):
   """Teacher-forced greedy check of each row: (every target token is the argmax after its
-  prefix, the first position where it is not, the argmax there)."""
+  prefix, the first position where it is not, the argmax there, the smallest logit gap over the
+  target tokens: the target's logit minus the best other token's, +inf for a row without any)."""
   logits_BxTxV, _ = model.apply(variables, tokens_BxT)
-  pred_BxT = jnp.argmax(logits_BxTxV[:, :-1], axis=-1).astype(jnp.int32)
-  miss_BxT = target_BxT[:, 1:] & (pred_BxT != tokens_BxT[:, 1:])
+  logits_BxTxV = logits_BxTxV[:, :-1].astype(jnp.float32)
+  pred_BxT = jnp.argmax(logits_BxTxV, axis=-1).astype(jnp.int32)
+  next_BxT = tokens_BxT[:, 1:]
+  miss_BxT = target_BxT[:, 1:] & (pred_BxT != next_BxT)
   first_B = jnp.argmax(miss_BxT, axis=1)
+  own_BxT = jnp.take_along_axis(logits_BxTxV, next_BxT[..., None], axis=-1)[..., 0]
+  vocab_V = jnp.arange(logits_BxTxV.shape[-1])
+  other_BxT = jnp.max(jnp.where(vocab_V == next_BxT[..., None], -jnp.inf, logits_BxTxV), axis=-1)
+  gap_B = jnp.min(jnp.where(target_BxT[:, 1:], own_BxT - other_BxT, jnp.inf), axis=1)
   return (~jnp.any(miss_BxT, axis=1), first_B + 1,
-          jnp.take_along_axis(pred_BxT, first_B[:, None], axis=1)[:, 0])
+          jnp.take_along_axis(pred_BxT, first_B[:, None], axis=1)[:, 0], gap_B)
 
 
 def _squash(text: str) -> str:
@@ -129,7 +136,9 @@ class FactRecall:
   """`recall(...).exact` of fixed facts for any variables of `model`, mostly without decoding.
 
   See the module docstring. `undecided` holds how many facts the last call decoded, `forced`
-  which facts it found recalled through their trained tokens, each the argmax after its prefix.
+  which facts it found recalled through their trained tokens, each the argmax after its prefix,
+  `gap` each fact's smallest logit margin of a trained token over the best other token (> 0
+  where every trained token is the argmax).
   """
 
   def __init__(self, model: Transformer, tokenizer, facts: Sequence[facts_lib.Fact],
@@ -139,6 +148,7 @@ class FactRecall:
     self.decode_batch_size = decode_batch_size
     self.undecided = 0
     self.forced = np.zeros(len(facts), bool)  # the last call's facts recalled through their trained tokens
+    self.gap = np.zeros(len(facts))  # the last call's smallest logit gap over each fact's trained tokens
     if not self.facts:
       return
     self._eos_ids = set(model.cfg.eos_token_ids or ())
@@ -195,8 +205,10 @@ class FactRecall:
     exact, undecided, forced = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
     outs = [(index, _first_miss(self.model, variables, tokens_BxT, target_BxT))
             for index, tokens_BxT, target_BxT in self._batches]  # dispatched together
-    for index, (hit_B, first_B, token_B) in outs:
+    gap = np.full(n, -np.inf)
+    for index, (hit_B, first_B, token_B, gap_B) in outs:
       hit_B, first_B, token_B = np.asarray(hit_B), np.asarray(first_B), np.asarray(token_B)
+      gap[index] = np.asarray(gap_B)[:len(index)]
       for row, i in enumerate(index):
         if hit_B[row]:
           exact[i] = forced[i] = bool(self._trained_verdict[i])
@@ -204,7 +216,7 @@ class FactRecall:
         else:
           undecided[i] = not self._miss_settled(i, int(first_B[row]), int(token_B[row]))
     idx = np.flatnonzero(undecided)
-    self.undecided, self.forced = len(idx), forced
+    self.undecided, self.forced, self.gap = len(idx), forced, gap
     if len(idx):
       answers, stopped = _greedy(self.model, variables, self.tokenizer, [self._prompts[i] for i in idx],
                                  self.template, self._max_new, self.decode_batch_size, self._filler)
@@ -220,7 +232,8 @@ def recall_callback(model: Transformer, variables_of: Callable[[train_lib.TrainS
   `variables_of(state)` gives the model's variables for a train state. The verdicts are
   `recall`'s, computed by `FactRecall`. `forced`: stop only when every fact is also recalled
   through its trained tokens (`FactRecall.forced`), so that no verdict rests on a near-tie
-  between other tokens; the record then holds `recall_forced`, their share.
+  between other tokens; the record then holds `recall_forced`, their share, and
+  `recall_min_gap`, the smallest logit margin of a trained token over the best other one.
   """
   check = FactRecall(model, tokenizer, facts, template)
 
@@ -233,6 +246,8 @@ def recall_callback(model: Transformer, variables_of: Callable[[train_lib.TrainS
     if not forced:
       return {"recall": rate, "stop": bool(stop_at_full and rate == 1.0)}
     through = float(np.mean(check.forced)) if len(exact) else float("nan")
-    return {"recall": rate, "recall_forced": through, "stop": bool(stop_at_full and rate == through == 1.0)}
+    gap = float(np.min(check.gap)) if len(exact) else float("nan")
+    return {"recall": rate, "recall_forced": through, "recall_min_gap": gap,
+            "stop": bool(stop_at_full and rate == through == 1.0)}
 
   return on_epoch

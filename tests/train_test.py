@@ -107,10 +107,17 @@ def test_one_pass_recall_gives_greedy_decoding_s_verdicts(trained, facts, storie
     logits_TxV = np.asarray(model.apply(scaled, jnp.asarray(e.tokens[None]))[0][0])
     hits = all(np.argmax(logits_TxV[t - 1]) == e.tokens[t] for t in np.flatnonzero(e.loss_mask))
     assert check.forced[i] == (hits and want[i]), i
+    # gap: the smallest margin of a trained token over the best other one, here in float64.
+    lg = logits_TxV.astype(np.float64)
+    gap = min(lg[t - 1, e.tokens[t]] - np.max(np.delete(lg[t - 1], e.tokens[t]))
+              for t in np.flatnonzero(e.loss_mask))
+    assert abs(check.gap[i] - gap) <= 1e-3 * max(1.0, abs(gap)), (i, check.gap[i], gap)
+    assert (check.gap[i] > 0) == hits, i
   hook = recall_lib.recall_callback(model, lambda v: v, stories_tokenizer, facts, TEMPLATE, 1, True,
                                     forced=True)
   record = hook(0, scaled, None)
   assert record["recall_forced"] == np.mean(check.forced)
+  assert record["recall_min_gap"] == check.gap.min()
   assert record["stop"] == bool(check.forced.all() and want.all())
 
 
