@@ -39,6 +39,8 @@ from lamini_jax.generate import SamplingConfig, generate
 from lamini_jax import hf
 from lamini_jax import model as model_lib
 
+from benchmarks._log import progress
+
 _DTYPES = ("float32", "bfloat16")
 # Default (new tokens, prompt length) per model: sized so the whole CPU run takes minutes.
 MODEL_DEFAULTS = {"stories": (64, 32), "llama3-8b-2l": (16, 32)}
@@ -162,7 +164,9 @@ def measure(module: model_lib.Transformer, variables: Any, prompts: list[list[in
   """Seconds: first calls (compile + run) and medians of the timed calls."""
   full = SamplingConfig(max_new_tokens=new_tokens)
   one = SamplingConfig(max_new_tokens=1)
+  progress(f"batch {len(prompts)}: first call, {new_tokens} new tokens (compiles)")
   first_full, out = _timed(lambda: generate(module, variables, prompts, full))
+  progress(f"first call {first_full:.1f} s")
   if any(len(row) != new_tokens for row in out):
     raise RuntimeError(f"decoding stopped early: lengths {sorted({len(r) for r in out})}, "
                        f"expected {new_tokens}")
@@ -180,6 +184,7 @@ def measure(module: model_lib.Transformer, variables: Any, prompts: list[list[in
 def run(bench: BenchConfig) -> list[dict[str, Any]]:
   rows = []
   for name in bench.models:
+    progress(f"loading {name}")
     cfg, variables = load_model(name, bench)
     module = model_lib.Transformer(cfg)
     new_tokens, prompt_len = bench.sizes(name)

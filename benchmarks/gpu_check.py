@@ -174,9 +174,9 @@ def _steps(smoke: bool) -> list[Step]:
   if shared:
     steps.append(Step("mome_step", py + ("-m", "benchmarks.mome_step", "--config",
                                          "configs/randomization_cpu.yaml", "--sizes", "10,20",
-                                         "--reps", "5", "--dense-reps", "2"), 150))
+                                         "--reps", "5", "--dense-reps", "2"), 240))
   steps.append(Step("decode", py + ("-m", "benchmarks.decode", "--models", "llama3-8b-2l",
-                                    "--dtype", "bfloat16"), 120))
+                                    "--dtype", "bfloat16"), 200))
   return steps
 
 

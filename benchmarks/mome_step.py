@@ -46,6 +46,8 @@ from lamini_jax.mome import table as table_lib
 from lamini_jax.mome import tuning as mome_tuning
 from lamini_jax import runs
 
+from benchmarks._log import progress
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +152,7 @@ def run(bench: BenchConfig) -> list[dict]:
                        keys[3])
       for i in range(bench.warmup + bench.dense_reps):
         runner(timed=i >= bench.warmup)
+        progress(f"dense N=2^{row['log2_n']} call {i + 1}")
       row["dense"] = statistics.median(runner.times)
       del runner
   return results
@@ -258,11 +261,14 @@ class _FullRunner:
 
 def run_full(bench: BenchConfig, config: runs.RunConfig) -> tuple[list[dict], _RunData]:
   """Median seconds of the config's step and of the dense step per N; sparse sizes round-robin."""
+  progress(f"set-up of {config.model.path}: routes, balance, keys")
   data = _run_data(config)
+  progress("set-up done; building the sparse steps")
   sparse = {n: _FullRunner(data, n, dense=False) for n in bench.log2_sizes}
   for i in range(bench.warmup + bench.reps):
-    for runner in sparse.values():
+    for n, runner in sparse.items():
       runner(timed=i >= bench.warmup)
+      progress(f"sparse N=2^{n} call {i + 1}")
   results = [{"log2_n": n, "sparse": statistics.median(r.times), "dense": None} for n, r in sparse.items()]
   del sparse
   for row in results:
@@ -270,6 +276,7 @@ def run_full(bench: BenchConfig, config: runs.RunConfig) -> tuple[list[dict], _R
       runner = _FullRunner(data, row["log2_n"], dense=True)
       for i in range(bench.warmup + bench.dense_reps):
         runner(timed=i >= bench.warmup)
+        progress(f"dense N=2^{row['log2_n']} call {i + 1}")
       row["dense"] = statistics.median(runner.times)
       del runner
   return results, data
