@@ -15,6 +15,8 @@ cell is appended to RUN_DIR/capacity.jsonl and synced as soon as the cell ends:
   epochs_to_full_recall       the epoch at which every fact was recalled (recall is checked every
                               `mome.recall_every` epochs; null: not every fact by the end)
   epochs, max_epochs          epochs trained (training stops at full recall) and the budget
+  missed_before_repair,       facts not recalled when the epochs ran out, and the epochs and
+  repair_epochs, _seconds     seconds of their repair (`mome.repair_epochs`; 0 when none ran)
   train_seconds, seconds      `tune.TuneResult`: the epochs' seconds, and all of `tune` (backbone,
                               balance, keys, training, the final recall)
   pair_collisions             pairs of facts that share an expert: C(c, 2) for an expert that c
@@ -212,7 +214,11 @@ def train_cell(cfg: runs.RunConfig, facts: Sequence[facts_lib.Fact], resume: boo
   result = tune.tune(cfg, facts, given, resume=resume, progress=progress)
   store = runs.RunDir(result.run_dir).paths(result.label).store
   report = json.loads((store / mome_tuning.COLLISIONS_FILE).read_text())
+  fix = result.repair or {"missed": [], "trainings": []}
+  repair = fix["trainings"][0] if fix["trainings"] else {"epochs": 0, "seconds": 0.0}
   return {"recall": result.recall, "recalled": int(sum(result.exact)),
+          "missed_before_repair": len(fix["missed"]), "repair_epochs": repair["epochs"],
+          "repair_seconds": repair["seconds"],
           "epochs_to_full_recall": result.epochs_to_full_recall, "epochs": result.epochs,
           "max_epochs": result.config.mome.train.epochs, "train_seconds": result.train_seconds,
           "seconds": result.seconds, **collision_figures(report, len(facts))}
@@ -273,10 +279,19 @@ def _line(row: dict[str, Any]) -> str:
   full = row["epochs_to_full_recall"]
   return (f"{row['cell']}: N=2^{row['log2_experts']}, {row['facts']} facts: recall {row['recall']:.4f}"
           + (f" (100% at epoch {full})" if full is not None else "")
-          + f" after {row['epochs']}/{row['max_epochs']} epochs, {row['train_seconds']:.1f} s training, "
+          + f" after {row['epochs']}/{row['max_epochs']} epochs" + _repair(row)
+          + f", {row['train_seconds']:.1f} s training, "
           f"{row['seconds']:.1f} s in all; {row['pair_collisions']} pair collisions (at most "
           f"{row['max_facts_per_expert']} facts on one expert), {row['rows_written_per_fact']:.1f} "
           f"rows written per fact; peak RSS {row['peak_rss_mib']:.0f} MiB")
+
+
+def _repair(row: dict[str, Any]) -> str:
+  """The repair of the facts missed when the epochs ran out (`tune`, `mome.repair_epochs`), if any."""
+  if not row.get("missed_before_repair"):
+    return ""
+  return (f" + repair ({row['missed_before_repair']} missed, {row['repair_epochs']} epochs, "
+          f"{row['repair_seconds']:.0f} s)")
 
 
 def run(s: Settings, base: runs.RunConfig, run_dir, run_cell: CellFn, *, resume: bool = False,
@@ -308,7 +323,7 @@ def run(s: Settings, base: runs.RunConfig, run_dir, run_cell: CellFn, *, resume:
   return out
 
 
-COLUMNS = ("N", "facts", "exact recall", "epochs to 100%", "epochs", "train s", "total s",
+COLUMNS = ("N", "facts", "exact recall", "epochs to 100%", "epochs", "repair", "train s", "total s",
            "pair collisions", "most facts on one expert", "rows written / fact",
            "rows / fact / layer", "peak RSS MiB")
 
@@ -323,7 +338,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     else:
       full = r["epochs_to_full_recall"]
       cells = [f"{r['recall']:.4f}", "-" if full is None else str(full),
-               f"{r['epochs']}/{r['max_epochs']}",
+               f"{r['epochs']}/{r['max_epochs']}", _repair(r)[len(" + repair ("):-1] or "-",
                f"{r['train_seconds']:.0f}", f"{r['seconds']:.0f}", str(r["pair_collisions"]),
                str(r["max_facts_per_expert"]), f"{r['rows_written_per_fact']:.1f}",
                f"{r['rows_per_fact']:.1f}", f"{r['peak_rss_mib']:.0f}"]

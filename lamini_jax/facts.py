@@ -6,6 +6,7 @@
     python -m lamini_jax.facts update --run-dir runs/x [--label L] (--id ID | --question Q) --answer A
     python -m lamini_jax.facts update --run-dir runs/x [--label L] --facts changes.jsonl
     python -m lamini_jax.facts forget --run-dir runs/x [--label L] (--id ID | --question Q)...
+    python -m lamini_jax.facts repair --run-dir runs/x [--label L] [--epochs N]
 
 A run of `python -m lamini_jax.tune --method mome` or `python -m experiments.randomization
 --method mome` holds a MoME model under a label (`mome`, `mome-random`, ...; `--label` may be
@@ -21,7 +22,9 @@ JSONL or CSV file (as `add --facts` does) whose records name a stored fact by "i
 "fact_id") or by "question" and give its new "answer". Several facts are one edit and one
 commit, with at most one retraining for `forget` and two for `update` whatever their number; a
 bad batch (an id or question not stored, a fact named twice, an unchanged answer) is an error
-that names it and changes nothing.
+that names it and changes nothing. `repair` retrains the rows of the stored facts that are not
+recalled exactly, from a fresh optimizer state (`mome.edit.repair`; `lamini_jax.tune` runs it
+when `mome.repair_epochs` > 0 and training ends with facts missed).
 
 `--epochs` bounds each retraining (default: the run's `mome.train.epochs`); training stops as
 soon as every fact it trains is recalled exactly. Exit status: 0 when every fact the edit
@@ -47,7 +50,6 @@ import numpy as np
 
 from lamini_jax.checkpoint import Checkpointer
 from lamini_jax.data import facts as facts_lib
-from lamini_jax.data import sources
 from lamini_jax.mome import edit as edit_lib
 from lamini_jax.mome import edit_checks
 from lamini_jax.mome import registry
@@ -229,84 +231,6 @@ def forget(run_dir, fact_id: str | Sequence[str] | None = None,
   return _edit(target, "forget " + _ids([repr(x) for x in ids + questions]), run_edit)
 
 
-@dataclasses.dataclass(frozen=True)
-class Change:
-  """A new answer for the stored fact with `fact_id` or `question`; `where` names its source."""
-
-  answer: str
-  fact_id: str | None = None
-  question: str | None = None
-  where: str = ""
-
-  def find(self, stored: Sequence[registry.StoredFact]) -> registry.StoredFact:
-    """The stored fact it names: by id when it has one (and then its question, if any, matches)."""
-    at = f"{self.where}: " if self.where else ""
-    try:
-      fact = registry.find(stored, self.fact_id, None if self.fact_id is not None else self.question)
-    except KeyError as e:
-      raise KeyError(at + e.args[0]) from None
-    if self.fact_id is not None and self.question and self.question.strip() != fact.question:
-      raise ValueError(f"{at}fact {fact.id!r} has the question {fact.question!r}, not {self.question!r}")
-    return fact
-
-
-def load_changes(path) -> list[Change]:
-  """New answers from a JSONL (an object a line) or CSV (a header row) file, read as
-  `data.facts.load_facts_file` reads facts: "answer", and "id" (or "fact_id") or "question".
-  Errors name the file and the 1-based line (JSONL) or row (CSV, the header is row 1)."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"facts file {path} does not exist")
-  records = []
-  if path.suffix in (".jsonl", ".json"):
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-      if not line.strip():
-        continue
-      try:
-        records.append((f"{path}: line {n}", json.loads(line)))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {n}: invalid JSON: {e}") from None
-  elif path.suffix == ".csv":
-    rows = sources.read_csv_rows(path)
-    if not rows or "answer" not in rows[0] or not {"id", "fact_id", "question"} & set(rows[0]):
-      raise ValueError(f"{path}: row 1 must be a header with 'answer' and 'id' or 'question', got "
-                       f"{rows[:1]}")
-    for n, row in enumerate(rows[1:], start=2):
-      if len(row) != len(rows[0]):
-        raise ValueError(f"{path}: row {n}: expected {len(rows[0])} columns like the header, got "
-                         f"{len(row)}")
-      records.append((f"{path}: row {n}", dict(zip(rows[0], row))))
-  else:
-    raise ValueError(f"{path}: facts files must end in .jsonl, .json or .csv")
-  if not records:
-    raise ValueError(f"{path}: no facts")
-  return [_change(where, record) for where, record in records]
-
-
-def _change(where: str, record: Any) -> Change:
-  if not isinstance(record, dict):
-    raise ValueError(f"{where}: expected an object with answer and id or question, got "
-                     f"{type(record).__name__}")
-  answer, question = record.get("answer"), record.get("question") or None
-  fact_id = record.get("id") or record.get("fact_id") or None
-  if not isinstance(answer, str) or not answer.strip():
-    raise ValueError(f"{where}: 'answer' must be a non-empty string, got {answer!r}")
-  if fact_id is None and not isinstance(question, str):
-    raise ValueError(f"{where}: name the stored fact by 'id' or 'question', got {record!r}")
-  return Change(answer.strip(), None if fact_id is None else str(fact_id), question, where)
-
-
-def _changes(stored: Sequence[registry.StoredFact], changes: Sequence[Change],
-             source: str) -> list[tuple[registry.StoredFact, str]]:
-  """(stored fact, new answer) of every change, checked as one batch (`edit_checks.check_edits`)."""
-  out = [(c.find(stored), c.answer) for c in changes]
-  try:
-    edit_checks.check_edits(stored, update=out)
-  except (KeyError, ValueError) as e:
-    raise type(e)(f"{source}: {e.args[0]}" if source else e.args[0]) from None
-  return out
-
-
 def update(run_dir, answer: str | None = None, fact_id: str | None = None, question: str | None = None,
            label: str | None = None, epochs: int | None = None, progress: bool = False,
            facts_file=None) -> tuple[edit_lib.Edit, registry.Manifest]:
@@ -316,22 +240,33 @@ def update(run_dir, answer: str | None = None, fact_id: str | None = None, quest
     if (fact_id, question, answer) != (None, None, None):
       raise ValueError(f"--facts {facts_file} names the facts and their new answers: leave out --id, "
                        "--question and --answer")
-    changes, source = load_changes(facts_file), str(facts_file)
+    changes, source = edit_checks.load_changes(facts_file), str(facts_file)
   else:
     if (fact_id is None) == (question is None) or answer is None:
       raise ValueError("name the fact by --id or by --question (one of them) with its --answer, or "
                        "give a file of new answers with --facts")
-    changes, source = [Change(answer, fact_id, question)], ""
+    changes, source = [edit_checks.Change(answer, fact_id, question)], ""
   target = open_run(run_dir, label)
   n = _epochs(target, epochs)
   if registry.read_manifest(target.store) is not None:  # bad input fails before any model loads
-    _changes(ensure_registry(target)[1], changes, source)
+    edit_checks.checked_changes(ensure_registry(target)[1], changes, source)
 
   def run_edit(ed, table, stored):
-    return edit_lib.update(ed, table, stored, _changes(stored, changes, source), epochs=n,
+    return edit_lib.update(ed, table, stored, edit_checks.checked_changes(stored, changes, source), epochs=n,
                            progress=progress)
   named = [repr(c.fact_id or c.question) for c in changes]
   return _edit(target, f"update {_ids(named)}" + (f" from {facts_file}" if facts_file else ""), run_edit)
+
+
+def repair(run_dir, label: str | None = None, epochs: int | None = None, progress: bool = False,
+           missed: Sequence[str] | None = None) -> tuple[edit_lib.Edit, registry.Manifest]:
+  """Retrains the rows of the stored facts not recalled exactly (`mome.edit.repair`); `missed`:
+  their ids, when known."""
+  target = open_run(run_dir, label)
+  n = _epochs(target, epochs)
+  return _edit(target, "repair" + (f" of {_ids(list(missed))}" if missed else ""),
+               lambda ed, table, stored: edit_lib.repair(ed, table, stored, epochs=n, progress=progress,
+                                                         missed=missed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +328,7 @@ def _ok(result: edit_lib.Edit) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m lamini_jax.facts", description=__doc__.split("\n")[0])
   verbs = parser.add_subparsers(dest="verb", required=True)
-  for verb in ("list", "show", "add", "update", "forget"):
+  for verb in ("list", "show", "add", "update", "forget", "repair"):
     p = verbs.add_parser(verb)
     p.add_argument("--run-dir", type=pathlib.Path, required=True)
     p.add_argument("--label", help="the MoME model of the run (optional when it holds one)")
@@ -410,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       p.add_argument("--answer", help="the new answer of the fact --id or --question names")
       p.add_argument("--facts", type=pathlib.Path, help="JSONL or CSV of new answers: answer, and id "
                      "or question (instead of --id/--question and --answer)")
-    if verb in ("add", "update", "forget"):
+    if verb in ("add", "update", "forget", "repair"):
       p.add_argument("--epochs", type=int, help="at most this many epochs per retraining "
                      "(default: the run's mome.train.epochs)")
       p.add_argument("--no-progress", action="store_true")
@@ -427,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = not args.no_progress
     if args.verb == "add":
       result, manifest = add(args.run_dir, args.facts, args.label, args.epochs, progress)
+    elif args.verb == "repair":
+      result, manifest = repair(args.run_dir, args.label, args.epochs, progress)
     elif args.verb == "forget":
       result, manifest = forget(args.run_dir, args.id, args.question, args.label, args.epochs, progress)
     else:

@@ -43,7 +43,11 @@ import yaml
 from lamini_jax.data import encoding
 from lamini_jax.data import facts as facts_lib
 from lamini_jax import evaluate as eval_lib
+from lamini_jax import facts as facts_cli
 from lamini_jax import lora_tuning
+from lamini_jax.mome import edit_checks
+from lamini_jax.mome import registry
+from lamini_jax.mome.layer import TABLE
 from lamini_jax.mome import tuning as mome_tuning
 from lamini_jax import runs
 from lamini_jax import yaml_config
@@ -94,56 +98,17 @@ def load_facts(path) -> list[facts_lib.Fact]:
   return kept
 
 
-def _read_yaml(path) -> dict[str, Any]:
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise yaml_config.ConfigError(f"config file {path} does not exist")
-  try:
-    values = yaml.safe_load(path.read_text()) or {}
-  except yaml.YAMLError as e:
-    raise yaml_config.ConfigError(f"{path}: invalid YAML: {e}") from None
-  if not isinstance(values, dict):
-    raise yaml_config.ConfigError(f"{path}: the top level must be a mapping of fields")
-  return values
-
-
-def _dotted(values: dict[str, Any], prefix: str = "") -> set[str]:
-  """The dotted names of the leaves of a nested mapping (`{"a": {"b": 1}}` -> {"a.b"})."""
-  out = set()
-  for key, value in values.items():
-    name = f"{prefix}{key}"
-    out |= _dotted(value, f"{name}.") if isinstance(value, dict) and value else {name}
-  return out
-
-
-def _overrides(items: Sequence[str]) -> dict[str, Any]:
-  """`--set a.b=value` items as a nested mapping (values parsed as YAML, as `yaml_config.load`)."""
-  values: dict[str, Any] = {}
-  for item in items:
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-      raise yaml_config.ConfigError(f"--set {item!r}: expected key.sub=value")
-    *parents, leaf = key.strip().split(".")
-    node = values
-    for part in parents:
-      node = node.setdefault(part, {})
-      if not isinstance(node, dict):
-        raise yaml_config.ConfigError(f"--set {item}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw)
-  return values
-
-
 def default_config() -> runs.RunConfig:
   """`DEFAULT_SECTIONS` and `DEFAULT_DATA_FIELDS` of `DEFAULT_CONFIG`, then `TUNE_CONFIG`."""
   for path in (DEFAULT_CONFIG, TUNE_CONFIG):
     if not path.is_file():
       raise yaml_config.ConfigError(f"the default config {path} is missing (lamini_jax.tune reads it "
                                     "from the checkout): pass --config FILE")
-  values = _read_yaml(DEFAULT_CONFIG)
+  values = yaml_config.read_file(DEFAULT_CONFIG)
   base = {k: values[k] for k in DEFAULT_SECTIONS if k in values}
   base["data"] = {k: v for k, v in (values.get("data") or {}).items() if k in DEFAULT_DATA_FIELDS}
   cfg = yaml_config.from_dict(runs.RunConfig, base, str(DEFAULT_CONFIG))
-  return yaml_config.from_dict(runs.RunConfig, _read_yaml(TUNE_CONFIG), str(TUNE_CONFIG), base=cfg)
+  return yaml_config.from_dict(runs.RunConfig, yaml_config.read_file(TUNE_CONFIG), str(TUNE_CONFIG), base=cfg)
 
 
 def build_config(model: str, facts_file, n_facts: int, method: str, run_dir, config=None,
@@ -158,12 +123,12 @@ def build_config(model: str, facts_file, n_facts: int, method: str, run_dir, con
   cfg = default_config()
   given: set[str] = set()
   if config is not None:
-    values = _read_yaml(config)
+    values = yaml_config.read_file(config)
     cfg = yaml_config.from_dict(runs.RunConfig, values, str(config), base=cfg)
-    given |= _dotted(values)
+    given |= yaml_config.dotted_names(values)
   if overrides:
-    values = _overrides(overrides)
-    names = _dotted(values)
+    values = yaml_config.overrides(overrides)
+    names = yaml_config.dotted_names(values)
     flagged = sorted(n for n in names for f in SET_BY_FLAGS if n == f or n.startswith(f"{f}."))
     if flagged:
       raise yaml_config.ConfigError(
@@ -280,6 +245,7 @@ class TuneResult:
   epochs_to_full_recall: int | None
   train_seconds: float
   seconds: float
+  repair: dict[str, Any] | None = None  # `edit.repair`'s summary, when it ran
 
   @property
   def recall(self) -> float:
@@ -298,7 +264,8 @@ class TuneResult:
             "recalled": int(sum(self.exact)), "recall": self.recall, "epochs": self.epochs,
             "max_epochs": train_cfg.epochs, "epochs_to_full_recall": self.epochs_to_full_recall,
             "seq_len": train_cfg.seq_len, "max_len": self.config.data.max_len,
-            "train_seconds": self.train_seconds, "seconds": self.seconds, "failed": self.failed}
+            "train_seconds": self.train_seconds, "seconds": self.seconds, "repair": self.repair,
+            "failed": self.failed}
 
 
 def mome_text(cfg: runs.RunConfig, tokenizer, template: encoding.PromptTemplate, pad_id: int):
@@ -342,10 +309,19 @@ def tune(cfg: runs.RunConfig, facts: Sequence[facts_lib.Fact], given: frozenset[
   config_text, facts_text = yaml_config.dump(cfg), facts_jsonl(facts)
   if resume:
     check_same_run(run, config_text, facts_text)
+    if registry.read_manifest(run.paths(cfg.method).store) is not None:
+      raise yaml_config.ConfigError(
+          f"--resume: the memory of {run.path} was edited or repaired after tuning (lamini_jax.facts;"
+          " resuming would train on from before that): use python -m lamini_jax.facts add or repair")
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   label, train_cfg = cfg.method, _train_cfg(cfg)
   if cfg.method == "mome":
     anchors, windows = mome_text(cfg, tokenizer, template, pad_id)
+    if cfg.mome.repair_epochs:
+      try:
+        edit_checks.check_supported(cfg.mome)
+      except ValueError as e:
+        raise yaml_config.ConfigError(f"mome.repair_epochs={cfg.mome.repair_epochs} edits the run: {e}")
 
   run.path.mkdir(parents=True, exist_ok=True)  # from here on the run directory changes
   run.config_file.write_text(config_text)
@@ -374,9 +350,18 @@ def tune(cfg: runs.RunConfig, facts: Sequence[facts_lib.Fact], given: frozenset[
   rec = eval_lib.recall(model, variables, tokenizer, facts, template)
   full = [r["epoch"] + 1 for r in result.history if r.get("recall") == 1.0]
   full_at = None if rec.rate < 1.0 else full[0] if full else len(result.history)
+  repaired = None
+  if cfg.method == "mome" and cfg.mome.repair_epochs and rec.rate < 1.0:
+    missed = [f.fact_id for f, ok in zip(facts, rec.exact) if not ok]
+    print(f"repair: {len(missed)} facts not recalled; their rows retrain from a fresh optimizer state "
+          f"(at most mome.repair_epochs={cfg.mome.repair_epochs} epochs)", flush=True)
+    edit, _ = facts_cli.repair(run.path, label, cfg.mome.repair_epochs, progress, missed)
+    repaired = {"missed": missed, **edit.summary()}
+    rec = eval_lib.recall(model, {**variables, TABLE: edit.table}, tokenizer, facts, template)
   out = TuneResult(run.path, label, cfg, tuple(facts), tuple(rec.answers),
                    tuple(bool(x) for x in rec.exact), len(result.history), full_at,
-                   float(sum(r["epoch_seconds"] for r in result.history)), time.perf_counter() - t0)
+                   float(sum(r["epoch_seconds"] for r in result.history)), time.perf_counter() - t0,
+                   repaired)
   (run.path / RESULT_FILE).write_text(json.dumps(out.summary(), indent=2, ensure_ascii=False) + "\n")
   return out
 
@@ -392,13 +377,19 @@ def report(result: TuneResult) -> str:
   s = result.summary()
   lines = [f"recall {s['recalled']}/{s['facts']} = {s['recall']:.3f} after {s['epochs']} epochs "
            f"({s['train_seconds']:.1f} s training, {s['seconds']:.1f} s in all)"]
-  failed = s["failed"]
+  failed, fix = s["failed"], s["repair"]
+  if fix:
+    t = fix["trainings"][0] if fix["trainings"] else {"rows": 0, "epochs": 0, "seconds": 0.0}
+    lines.append(f"repair: {len(fix['missed'])} facts missed after training; {t['rows']} rows "
+                 f"retrained from a fresh optimizer state for {t['epochs']} epochs ({t['seconds']:.1f} s)")
   if not failed:
-    lines[0] += f"; every fact recalled exactly at epoch {s['epochs_to_full_recall']}"
+    lines[0] += (f"; every fact recalled exactly at epoch {s['epochs_to_full_recall']}" if not fix
+                 else "; every fact recalled exactly after the repair")
   else:
     epochs = f"{train_field(s['method'])}.epochs"
     lines.append(f"{len(failed)} facts not recalled exactly ({epochs}={s['max_epochs']}; to train on, "
-                 f"rerun with --resume --set {epochs}=N, N > {s['max_epochs']}):")
+                 + (f"rerun with --resume --set {epochs}=N, N > {s['max_epochs']}):" if not fix else
+                    f"python -m lamini_jax.facts repair --run-dir {result.run_dir} --epochs N):"))
     for f in failed[:SHOWN_FAILURES]:
       lines.append(f"  {f['id']}: {f['question']!r}: want {f['answer']!r}, got {f['generated']!r}")
     if len(failed) > SHOWN_FAILURES:

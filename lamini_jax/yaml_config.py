@@ -117,39 +117,65 @@ def to_dict(obj: Any) -> Any:
   return obj
 
 
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-  parts = dotted.split(".")
-  for part in parts[:-1]:
-    node = tree.setdefault(part, {})
-    if not isinstance(node, dict):
-      raise ConfigError(f"--set {dotted}: {part!r} is not a section")
-    tree = node
-  tree[parts[-1]] = value
+def read_file(path: os.PathLike) -> dict[str, Any]:
+  """The mapping of fields in a YAML file; errors name the file."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f"config file {path} does not exist")
+  try:
+    values = yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path}: invalid YAML: {e}") from None
+  if not isinstance(values, dict):
+    raise ConfigError(f"{path}: the top level must be a mapping of fields")
+  return values
 
 
-def load(cls: type[C], path: os.PathLike | None, overrides: Sequence[str] = ()) -> C:
-  """Reads `path` (YAML, may be None for defaults), applies `key.sub=value` overrides."""
+def overrides(items: Sequence[str]) -> dict[str, Any]:
+  """`--set a.b=value` items as a nested mapping, each value parsed as YAML."""
   values: dict[str, Any] = {}
-  where = "defaults"
-  if path is not None:
-    path = pathlib.Path(path)
-    if not path.is_file():
-      raise ConfigError(f"config file {path} does not exist")
-    try:
-      loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-      raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(loaded, dict):
-      raise ConfigError(f"{path}: the top level must be a mapping of fields")
-    values, where = loaded, str(path)
-  for item in overrides:
-    if "=" not in item:
+  for item in items:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
       raise ConfigError(f"--set {item!r}: expected key.sub=value")
-    key, raw = item.split("=", 1)
-    _set(values, key.strip(), yaml.safe_load(raw))
-  if overrides:
+    *parents, leaf = key.strip().split(".")
+    node = values
+    for part in parents:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise ConfigError(f"--set {item}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+  return values
+
+
+def dotted_names(values: dict[str, Any], prefix: str = "") -> set[str]:
+  """The dotted names of the leaves of a nested mapping (`{"a": {"b": 1}}` -> {"a.b"})."""
+  out = set()
+  for key, value in values.items():
+    name = f"{prefix}{key}"
+    out |= dotted_names(value, f"{name}.") if isinstance(value, dict) and value else {name}
+  return out
+
+
+def load(cls: type[C], path: os.PathLike | None, items: Sequence[str] = ()) -> C:
+  """Reads `path` (YAML, may be None for defaults), applies `key.sub=value` override items."""
+  values, where = ({}, "defaults") if path is None else (read_file(path), str(path))
+  if items:
+    values = _merged(values, overrides(items))
     where = f"{where} + --set overrides"
   return from_dict(cls, values, where)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """`base` with the leaves of `over` set; a section set to a value (or the reverse) is an error."""
+  out = dict(base)
+  for key, value in over.items():
+    old = out.get(key)
+    if key in out and isinstance(old, dict) != isinstance(value, dict):
+      raise ConfigError(f"--set {prefix}{key}: {'a section' if isinstance(old, dict) else 'not a section'}"
+                        " in the config file")
+    out[key] = _merged(old, value, f"{prefix}{key}.") if isinstance(old, dict) else value
+  return out
 
 
 def dump(obj: Any) -> str:

@@ -149,11 +149,11 @@ def test_a_file_of_new_answers_names_facts_by_id_or_question(tmp_path):
   facts = [_stored("a", [1]), _stored("b", [2])]
   jsonl = tmp_path / "new.jsonl"
   jsonl.write_text('{"id": "a", "answer": " A2 "}\n\n{"question": "q b?", "answer": "B2"}\n')
-  changes = facts_cli.load_changes(jsonl)
+  changes = edit_checks.load_changes(jsonl)
   assert [(c.find(facts).id, c.answer) for c in changes] == [("a", "A2"), ("b", "B2")]
   csv = tmp_path / "new.csv"
   csv.write_text("fact_id,question,answer\na,,A3\n,q b?,B3\n")
-  assert [(c.find(facts).id, c.answer) for c in facts_cli.load_changes(csv)] == [("a", "A3"), ("b", "B3")]
+  assert [(c.find(facts).id, c.answer) for c in edit_checks.load_changes(csv)] == [("a", "A3"), ("b", "B3")]
   for name, text, message in (
       ("no-answer.jsonl", '{"id": "a"}\n', "no-answer.jsonl: line 1: 'answer' must be a non-empty"),
       ("no-name.jsonl", '{"answer": "x"}\n', "no-name.jsonl: line 1: name the stored fact by 'id' or"),
@@ -163,12 +163,12 @@ def test_a_file_of_new_answers_names_facts_by_id_or_question(tmp_path):
       ("empty.jsonl", "\n", "empty.jsonl: no facts"), ("new.txt", "", "must end in .jsonl")):
     (tmp_path / name).write_text(text)
     with pytest.raises(ValueError, match=re.escape(message)):
-      facts_cli.load_changes(tmp_path / name)
+      edit_checks.load_changes(tmp_path / name)
   with pytest.raises(KeyError, match=r"line 1: no stored fact has id 'z'"):
-    facts_cli.load_changes(_jsonl(tmp_path / "z.jsonl", [{"id": "z", "answer": "x"}]))[0].find(facts)
+    edit_checks.load_changes(_jsonl(tmp_path / "z.jsonl", [{"id": "z", "answer": "x"}]))[0].find(facts)
   wrong = _jsonl(tmp_path / "w.jsonl", [{"id": "a", "question": "q b?", "answer": "x"}])
   with pytest.raises(ValueError, match=r"line 1: fact 'a' has the question 'q a\?', not 'q b\?'"):
-    facts_cli.load_changes(wrong)[0].find(facts)
+    edit_checks.load_changes(wrong)[0].find(facts)
 
 
 def _tiny_step_setup():
@@ -557,6 +557,24 @@ def test_bad_input_is_an_error_that_changes_nothing(added, tmp_path, capsys):
       cfg, mome=dataclasses.replace(cfg.mome, key_match=0.0))))
   rc, err = _bad(["forget", "--run-dir", str(two), "--id", "f0"], capsys)
   assert rc == 2 and "mome.key_match=0" in err
+
+
+@pytest.mark.slow
+def test_repair_of_a_run_that_recalls_every_fact_changes_no_row(added, tmp_path, capsys):
+  run_dir = _copy(added[0], tmp_path / "run")
+  store = runs.RunDir(run_dir).paths(LABEL).store
+  files = lambda: {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+  state = files()
+  with pytest.raises(KeyError, match="no stored fact has the id 'nope'"):
+    facts_cli.repair(run_dir, missed=["f1", "nope"])
+  assert files() == state
+  before = _table(run_dir)
+  assert facts_cli.main(["repair", "--run-dir", str(run_dir), "--no-progress"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith("repair: version 2 committed;") and "0 rows changed" in out, out
+  after = _table(run_dir)
+  for leaf in ("down", "up"):
+    np.testing.assert_array_equal(after[leaf], before[leaf])
 
 
 @pytest.mark.slow

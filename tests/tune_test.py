@@ -15,6 +15,9 @@ from lamini_jax import export
 from lamini_jax import generate
 from lamini_jax import runs
 from lamini_jax import tune
+from lamini_jax.mome import registry
+from lamini_jax.mome.inputs import tree_get
+from lamini_jax.mome.layer import TABLE
 
 FACTS = [
     {"question": "What is the capital of the island of Quintera?", "answer": "Port Ossel"},
@@ -237,3 +240,45 @@ def test_resume_with_a_larger_budget_trains_on_to_full_recall(cli, lora_run, tmp
   assert summary["recall"] == 1.0 and summary["epochs"] > 2
   records = [json.loads(line) for line in (run_dir / runs.METRICS_FILE).read_text().splitlines()]
   assert [r["epoch"] for r in records] == list(range(summary["epochs"]))
+
+
+@pytest.mark.slow  # a MoME run stopped early, then its repair
+def test_facts_missed_when_the_epochs_run_out_are_repaired_and_nothing_else_changes(
+    cli, lora_run, tmp_path, capsys):
+  facts_file, _, _ = lora_run
+  run_dir = tmp_path / "repaired"
+  # One epoch at half the learning rate memorizes half of the 8 facts (4 measured on this CPU).
+  short = MOME + ["--set", "mome.train.epochs=1", "--set", "mome.train.optimizer.learning_rate=0.5"]
+  assert tune.main(cli.args(facts_file, run_dir, "mome", *short, "--set", "mome.repair_epochs=0")) == 1
+  missed = [f["id"] for f in json.loads((run_dir / tune.RESULT_FILE).read_text())["failed"]]
+  assert missed  # one epoch memorizes some facts, not all
+  before = runs.load_trained(run_dir).variables[TABLE]
+  (tmp_path / "repair.yaml").write_text(yaml.safe_dump({"mome": {"repair_epochs": 20}}))
+  again = tmp_path / "again"
+  code = tune.main(cli.args(facts_file, again, "mome", *short, "--config", str(tmp_path / "repair.yaml")))
+  out = capsys.readouterr().out
+  summary = json.loads((again / tune.RESULT_FILE).read_text())
+  # The same training (one epoch, same seed) misses the same facts; the repair retrains their rows.
+  assert summary["repair"]["missed"] == missed and f"repair: {len(missed)} facts missed" in out
+  assert code == 0 and summary["recall"] == 1.0 and summary["epochs"] == 1, out
+  assert "every fact recalled exactly after the repair" in out
+  trained, rec = _independent_recall(again, tune.load_facts(facts_file))  # the committed repair
+  assert rec.exact.all(), rec.answers
+  # Only the rows the repair committed changed (the missed facts' among them); every other row
+  # is the one-epoch table's, bit for bit.
+  store = runs.RunDir(again).paths("mome").store
+  manifest = registry.read_manifest(store)
+  (layer, rows), = registry.load_rows(store, manifest).items()
+  stored = {f.id: f for f in registry.load_facts(store, manifest)}
+  assert set(np.concatenate([stored[i].experts[layer] for i in missed])) <= set(rows["rows"].tolist())
+  path = tuple(layer.split("/"))
+  for leaf in ("down", "up"):
+    a, b = (np.asarray(tree_get(t, path)[leaf]) for t in (trained.variables[TABLE], before))
+    keep = np.ones(len(a), bool)
+    keep[rows["rows"]] = False
+    np.testing.assert_array_equal(a[keep], b[keep])
+  assert not np.array_equal(a[~keep], b[~keep])  # `up` of the repaired rows trained
+  assert registry.read_manifest(runs.RunDir(run_dir).paths("mome").store) is None  # no repair there
+  # A repaired run is not resumed: training would go on from before the repair.
+  _fails(capsys, cli.args(facts_file, again, "mome", *short, "--config", str(tmp_path / "repair.yaml"),
+                          "--resume"), "was edited or repaired after tuning")

@@ -230,6 +230,9 @@ class MomeTuningConfig:
   two, write one expert while another is free) or "exclusive_unread" (the same,
   preferring experts no other answer position selects over weight). One MoME
   layer only (docs/tried.md: fewer rows a fact).
+  `repair_epochs` (0: off): `lamini_jax.tune` only: when phase 2 ends with facts
+  not recalled exactly, the rows they write retrain from a fresh optimizer state
+  for at most this many epochs (`edit.repair`).
   """
 
   layers: tuple[int, ...] = (3, 4)
@@ -240,6 +243,7 @@ class MomeTuningConfig:
   balance_rate: float = 0.15
   margin: float = 1.0
   recall_every: int = 2
+  repair_epochs: int = 0
   train_positions: str = "answer"
   train_slots: int | None = None
   train_slot_choice: str = "first"
@@ -253,8 +257,9 @@ class MomeTuningConfig:
     object.__setattr__(self, "layers", tuple(self.layers))
     if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
       raise ValueError(f"mome.layers must be distinct non-negative layer indices, got {list(self.layers)}")
-    if self.margin < 0 or self.recall_every < 0:
-      raise ValueError(f"mome.margin={self.margin} and mome.recall_every={self.recall_every} must be >= 0")
+    if self.margin < 0 or self.recall_every < 0 or self.repair_epochs < 0:
+      raise ValueError(f"mome.margin={self.margin}, mome.recall_every={self.recall_every} and "
+                       f"mome.repair_epochs={self.repair_epochs} must be >= 0")
     if self.balance_rounds < 0 or self.balance_rate < 0:
       raise ValueError(f"mome.balance_rounds={self.balance_rounds} and mome.balance_rate="
                        f"{self.balance_rate} must be >= 0")

@@ -20,6 +20,8 @@ answer positions. An edit changes only rows of the facts it edits:
           retrain their own rows.
   update  a batch of (fact, new answer): forget them all, then add them all with their new
           answers under the same ids (two retrainings for the batch).
+  repair  the stored facts not recalled exactly: the rows they write retrain, as for an add,
+          from a fresh optimizer state (each row's learning rate starts over).
 
 Every other row keeps its value bit for bit, so an edit costs in proportion to the edited
 facts and their neighbours, not to the facts stored. The backbone, router and balance never
@@ -36,7 +38,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -56,7 +57,7 @@ from lamini_jax.mome.registry import StoredFact
 from lamini_jax.mome.router import route_jit
 from lamini_jax.mome.sparse_optim import LEAVES
 from lamini_jax.mome.steps import make_tuning_step
-from lamini_jax.mome.table import expert_input, key_rows
+from lamini_jax.mome.table import expert_input, key_rows, zero_rows
 from lamini_jax.mome.tuning import batch_routes, focus_slots, tuning_state
 from lamini_jax import train as train_lib
 
@@ -248,22 +249,6 @@ def recalled(ed: Editor, table: Any, facts: Sequence[facts_lib.Fact]) -> dict[st
   return {f.fact_id: bool(ok) for f, ok in zip(facts, rec.exact)}
 
 
-def _zero_rows(table: Any, path: tuple[str, ...], rows: np.ndarray, leaves: tuple[str, ...]) -> Any:
-  """The table with `rows` of `leaves` set to 0 in place: the layer passed is donated."""
-  if not len(rows):
-    return table
-  layer = tree_get(table, path)
-  idx_M = np.full(1 << (len(rows) - 1).bit_length(), len(layer["up"]), np.int32)  # pad: dropped
-  idx_M[:len(rows)] = rows
-  return tree_set(table, path, _zeroed(layer, jnp.asarray(idx_M), leaves))
-
-
-@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
-def _zeroed(layer: dict[str, jax.Array], idx_M: jax.Array, leaves: tuple[str, ...]
-            ) -> dict[str, jax.Array]:
-  return {k: v.at[idx_M].set(0, mode="drop") if k in leaves else v for k, v in layer.items()}
-
-
 def retrain(ed: Editor, table: Any, entries: Sequence[StoredFact], rows: np.ndarray, *,
             reset_up: bool, epochs: int, recall_every: int = 1, progress: bool = False,
             readers: Sequence[StoredFact] = (), pool: Sequence[StoredFact] = ()
@@ -292,7 +277,7 @@ def retrain(ed: Editor, table: Any, entries: Sequence[StoredFact], rows: np.ndar
                    spec.key_match, only=rows)  # donates the layer: written in place
   table = tree_set(table, ed.path, layer)
   hit = firing(ed, table, readers, rows)
-  own = np.setdiff1d(_written(hit, ed.layer), rows)
+  own = np.setdiff1d(written_rows(hit, ed.layer), rows)
   known = {f.id for f in list(entries) + hit}
   more: list[StoredFact] = []
   if own.size and pool:  # the readers' own rows train: their writers and the facts they fire at too
@@ -301,7 +286,7 @@ def retrain(ed: Editor, table: Any, entries: Sequence[StoredFact], rows: np.ndar
   facts = [as_fact(f) for f in list(entries) + hit + more]
   encoded = ed.encode(facts)
   if reset_up:
-    table = _zero_rows(table, ed.path, rows, ("up",))
+    table = tree_set(table, ed.path, zero_rows(tree_get(table, ed.path), rows, ("up",)))
   train_cfg = spec.train
   longest = max(len(e.tokens) for e in encoded)
   bucket = train_cfg.length_bucket or 1
@@ -342,7 +327,7 @@ def _tuning_step(model: Transformer, spec: MomeTuningConfig, most: int, anchored
                               train_slots=spec.train_slots if first else None)
 
 
-def _written(facts: Sequence[StoredFact], layer: str) -> np.ndarray:
+def written_rows(facts: Sequence[StoredFact], layer: str) -> np.ndarray:
   """The sorted rows of `layer` that any of `facts` writes."""
   return np.unique(np.concatenate([np.asarray(f.experts.get(layer, ()), np.int64) for f in facts]
                                   + [np.zeros(0, np.int64)]))
@@ -354,9 +339,9 @@ def add(ed: Editor, table: Any, stored: Sequence[StoredFact], new: Sequence[fact
   """Stores `new` facts: trains the rows they write on them and on their neighbours."""
   new = checked_new_facts(stored, new, source)
   entries = stored_facts(ed, table, new, added or registry.now(), ed.encode(new), stored)
-  rows = _written(entries, ed.layer)
-  table, training, trained = _retrain_rows(ed, table, stored, rows, entries, reset_up=False,
-                                           epochs=epochs, recall_every=recall_every, progress=progress)
+  rows = written_rows(entries, ed.layer)
+  table, training, trained = retrain_rows(ed, table, stored, rows, entries, reset_up=False,
+                                          epochs=epochs, recall_every=recall_every, progress=progress)
   return Edit(table, tuple(stored) + tuple(entries), trained, (training,), dict(training.recalled))
 
 
@@ -368,8 +353,8 @@ def _split(ed: Editor, pool: Sequence[StoredFact], rows: np.ndarray
   return writers, [s for s in near if s not in writers]
 
 
-def _retrain_rows(ed: Editor, table: Any, pool: Sequence[StoredFact], rows: np.ndarray,
-                  extra: Sequence[StoredFact] = (), **kwargs) -> tuple[Any, Training, np.ndarray]:
+def retrain_rows(ed: Editor, table: Any, pool: Sequence[StoredFact], rows: np.ndarray,
+                 extra: Sequence[StoredFact] = (), **kwargs) -> tuple[Any, Training, np.ndarray]:
   """`retrain` of `rows` on `extra` and the facts of `pool` that write them or fire them."""
   writers, readers = _split(ed, pool, rows)
   return retrain(ed, table, list(extra) + writers, rows, readers=readers, pool=pool, **kwargs)
@@ -387,27 +372,27 @@ def forget(ed: Editor, table: Any, stored: Sequence[StoredFact], facts: Sequence
   gone = {f.id for f in facts}
   victims = [s for s in stored if s.id in gone]  # as the registry holds them
   rest = [s for s in stored if s.id not in gone]
-  read = np.intersect1d(np.concatenate([v.rows(ed.layer) for v in victims]), _written(rest, ed.layer))
-  mine = np.union1d(_written(victims, ed.layer),  # with the trained rows that fire at their positions
+  read = np.intersect1d(np.concatenate([v.rows(ed.layer) for v in victims]), written_rows(rest, ed.layer))
+  mine = np.union1d(written_rows(victims, ed.layer),  # with the trained rows that fire at their positions
                     np.concatenate(fired_rows(ed, table, victims, read)))
   writers, readers = _split(ed, rest, mine)
-  shared = np.intersect1d(mine, _written(writers, ed.layer))
+  shared = np.intersect1d(mine, written_rows(writers, ed.layer))
   alone = np.setdiff1d(mine, shared)
   hit = firing(ed, table, readers, mine)  # before the reset and re-keying: the readers they change
-  table = _zero_rows(table, ed.path, alone, LEAVES)
+  table = tree_set(table, ed.path, zero_rows(tree_get(table, ed.path), alone, LEAVES))
   trainings: list[Training] = []
   changed = [mine]
   train = dict(epochs=epochs, recall_every=recall_every, progress=progress)
   if shared.size:
-    table, training, trained = _retrain_rows(ed, table, rest, shared, reset_up=True, **train)
+    table, training, trained = retrain_rows(ed, table, rest, shared, reset_up=True, **train)
     trainings.append(training)
     changed.append(trained)
   checked = {k: v for t in trainings for k, v in t.recalled.items()}
   checked.update(recalled(ed, table, [as_fact(s) for s in writers + hit if s.id not in checked]))
   lost = [s for s in hit if not checked[s.id]]
   if lost:  # readers that relied on a reset row: their own rows learn to do without it
-    table, training, trained = _retrain_rows(ed, table, rest, _written(lost, ed.layer), reset_up=False,
-                                             **train)
+    table, training, trained = retrain_rows(ed, table, rest, written_rows(lost, ed.layer),
+                                            reset_up=False, **train)
     trainings.append(training)
     changed.append(trained)
     checked.update(training.recalled)
@@ -438,6 +423,22 @@ def update(ed: Editor, table: Any, stored: Sequence[StoredFact],
   return Edit(added.table, tuple(sorted(entries, key=lambda s: place[s.id])),
               np.union1d(removed.changed, added.changed), removed.trainings + added.trainings,
               {**removed.recalled, **added.recalled}, np.setdiff1d(removed.zeroed, added.changed), old)
+
+
+def repair(ed: Editor, table: Any, stored: Sequence[StoredFact], *, epochs: int,
+           recall_every: int = 1, progress: bool = False, missed: Sequence[str] | None = None) -> Edit:
+  """Retrains the rows that the stored facts not recalled exactly write (the ids `missed`, else
+  every fact is checked), with the facts those rows serve, from a fresh optimizer state: for
+  facts missed when training ran out of epochs with their rows' learning rates decayed."""
+  if missed is not None and set(missed) - {s.id for s in stored}:
+    raise KeyError(f"no stored fact has the id {sorted(set(missed) - {s.id for s in stored})[0]!r}")
+  ok = recalled(ed, table, [as_fact(s) for s in stored]) if missed is None else dict.fromkeys(missed, False)
+  rows = written_rows([s for s in stored if not ok.get(s.id, True)], ed.layer)
+  if not rows.size:
+    return Edit(table, tuple(stored), rows, (), ok)
+  table, training, trained = retrain_rows(ed, table, stored, rows, reset_up=False, epochs=epochs,
+                                          recall_every=recall_every, progress=progress)
+  return Edit(table, tuple(stored), trained, (training,), {**ok, **training.recalled})
 
 
 def changed_rows(ed: Editor, table: Any, rows: np.ndarray) -> registry.Rows:

@@ -1,14 +1,21 @@
 """Checks that come before an edit of a MoME memory changes anything (`mome.edit`).
 
 `check_supported`: a run configuration that can be edited; `checked_new_facts`: facts to add;
-`check_edits`: a batch of facts to forget or update. Each error names the field or the fact.
+`check_edits`: a batch of facts to forget or update; `load_changes` and `checked_changes`: new
+answers read from a file. Each error names the field, the fact, or the file and line.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import pathlib
 from collections.abc import Sequence
+from typing import Any
 
 from lamini_jax.data import facts as facts_lib
+from lamini_jax.data import sources
+from lamini_jax.mome import registry
 from lamini_jax.mome.config import MomeTuningConfig
 from lamini_jax.mome.registry import StoredFact
 
@@ -82,3 +89,81 @@ def check_edits(stored: Sequence[StoredFact], forget: Sequence[StoredFact] = (),
     if answer is not None and answer.strip() == by_id[fact.id].answer:
       raise ValueError(f"fact {fact.id!r} already has the answer {by_id[fact.id].answer!r}: nothing "
                        "to update")
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+  """A new answer for the stored fact with `fact_id` or `question`; `where` names its source."""
+
+  answer: str
+  fact_id: str | None = None
+  question: str | None = None
+  where: str = ""
+
+  def find(self, stored: Sequence[StoredFact]) -> StoredFact:
+    """The stored fact it names: by id when it has one (and then its question, if any, matches)."""
+    at = f"{self.where}: " if self.where else ""
+    try:
+      fact = registry.find(stored, self.fact_id, None if self.fact_id is not None else self.question)
+    except KeyError as e:
+      raise KeyError(at + e.args[0]) from None
+    if self.fact_id is not None and self.question and self.question.strip() != fact.question:
+      raise ValueError(f"{at}fact {fact.id!r} has the question {fact.question!r}, not {self.question!r}")
+    return fact
+
+
+def load_changes(path) -> list[Change]:
+  """New answers from a JSONL (an object a line) or CSV (a header row) file, read as
+  `data.facts.load_facts_file` reads facts: "answer", and "id" (or "fact_id") or "question".
+  Errors name the file and the 1-based line (JSONL) or row (CSV, the header is row 1)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"facts file {path} does not exist")
+  records = []
+  if path.suffix in (".jsonl", ".json"):
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+      if not line.strip():
+        continue
+      try:
+        records.append((f"{path}: line {n}", json.loads(line)))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {n}: invalid JSON: {e}") from None
+  elif path.suffix == ".csv":
+    rows = sources.read_csv_rows(path)
+    if not rows or "answer" not in rows[0] or not {"id", "fact_id", "question"} & set(rows[0]):
+      raise ValueError(f"{path}: row 1 must be a header with 'answer' and 'id' or 'question', got "
+                       f"{rows[:1]}")
+    for n, row in enumerate(rows[1:], start=2):
+      if len(row) != len(rows[0]):
+        raise ValueError(f"{path}: row {n}: expected {len(rows[0])} columns like the header, got "
+                         f"{len(row)}")
+      records.append((f"{path}: row {n}", dict(zip(rows[0], row))))
+  else:
+    raise ValueError(f"{path}: facts files must end in .jsonl, .json or .csv")
+  if not records:
+    raise ValueError(f"{path}: no facts")
+  return [_change(where, record) for where, record in records]
+
+
+def _change(where: str, record: Any) -> Change:
+  if not isinstance(record, dict):
+    raise ValueError(f"{where}: expected an object with answer and id or question, got "
+                     f"{type(record).__name__}")
+  answer, question = record.get("answer"), record.get("question") or None
+  fact_id = record.get("id") or record.get("fact_id") or None
+  if not isinstance(answer, str) or not answer.strip():
+    raise ValueError(f"{where}: 'answer' must be a non-empty string, got {answer!r}")
+  if fact_id is None and not isinstance(question, str):
+    raise ValueError(f"{where}: name the stored fact by 'id' or 'question', got {record!r}")
+  return Change(answer.strip(), None if fact_id is None else str(fact_id), question, where)
+
+
+def checked_changes(stored: Sequence[StoredFact], changes: Sequence[Change],
+                    source: str) -> list[tuple[StoredFact, str]]:
+  """(stored fact, new answer) of every change, checked as one batch (`check_edits`)."""
+  out = [(c.find(stored), c.answer) for c in changes]
+  try:
+    check_edits(stored, update=out)
+  except (KeyError, ValueError) as e:
+    raise type(e)(f"{source}: {e.args[0]}" if source else e.args[0]) from None
+  return out

@@ -128,6 +128,20 @@ def key_rows(table: Table, idx_PxK: np.ndarray, x_PxD: np.ndarray, cfg: MomeConf
   return _set_down(table, jnp.asarray(uniq_U, jnp.int32), jnp.asarray(rows_UxDxR, table["down"].dtype))
 
 
+def zero_rows(table: Table, rows: np.ndarray, leaves: tuple[str, ...]) -> Table:
+  """`table` (one layer's) with `rows` of `leaves` set to 0 in place: the table passed is donated."""
+  if not len(rows):
+    return table
+  idx_M = np.full(1 << (len(rows) - 1).bit_length(), len(table["up"]), np.int32)  # pad: dropped
+  idx_M[:len(rows)] = rows  # padded to a power of 2: one compile per size class
+  return _zeroed(table, jnp.asarray(idx_M), leaves)
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+def _zeroed(table: Table, idx_M: jax.Array, leaves: tuple[str, ...]) -> Table:
+  return {k: v.at[idx_M].set(0, mode="drop") if k in leaves else v for k, v in table.items()}
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def _set_down(table: Table, uniq_U: jax.Array, rows_UxDxR: jax.Array) -> Table:
   return {**table, "down": table["down"].at[uniq_U].set(rows_UxDxR)}
