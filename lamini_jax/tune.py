@@ -10,7 +10,7 @@ held-out data and nothing reads TruthfulQA or MMLU.
 
 Config: the defaults are the `train`, `lora` and `mome` sections and the prompt fields of `data`
 (`template`, `answer_end`, `train_eos`) of configs/randomization_cpu.yaml, then configs/tune_cpu.yaml
-(no TruthfulQA anchor questions; MoME writes 2 table rows per answer token instead of 24).
+(no TruthfulQA anchor questions; MoME writes 2 of the 48 experts an answer token selects).
 `--config FILE` (any `runs.RunConfig` sections) overrides them, `--set a.b=value` single fields.
 The flags set `model.path`, `method`, `run_dir` and the facts' `data` fields (`dataset: facts`,
 `facts_file`, `n_train`: every fact, `n_heldout: 0`), whatever a config says. Lengths follow the

@@ -385,7 +385,7 @@ def test_forget_of_a_batch_zeroes_the_rows_only_it_writes(forgotten):
   lone = victims[0]
   assert not np.intersect1d(lone.experts[LAYER], theirs).size
   trained = runs.load_trained(run_dir, LABEL)
-  enc = encoding.encode_facts(trained.backbone.tokenizer, trained.template, [edit_lib.as_fact(lone)], 256)
+  enc = encoding.encode_facts(trained.backbone.tokenizer, trained.template, [lone.fact()], 256)
   loss = eval_lib.fact_losses(trained.model, trained.variables, enc)
   base = eval_lib.fact_losses(model_lib.Transformer(trained.backbone.cfg),
                               {"params": trained.backbone.params}, enc)
@@ -565,7 +565,7 @@ def test_repair_of_a_run_that_recalls_every_fact_changes_no_row(added, tmp_path,
   store = runs.RunDir(run_dir).paths(LABEL).store
   files = lambda: {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
   state = files()
-  with pytest.raises(KeyError, match="no stored fact has the id 'nope'"):
+  with pytest.raises(KeyError, match="no stored fact has id 'nope'"):
     facts_cli.repair(run_dir, missed=["f1", "nope"])
   assert files() == state
   before = _table(run_dir)

@@ -118,7 +118,8 @@ def test_one_pass_recall_gives_greedy_decoding_s_verdicts(trained, facts, storie
   record = hook(0, scaled, None)
   assert record["recall_forced"] == np.mean(check.forced)
   assert record["recall_min_gap"] == check.gap.min()
-  assert record["stop"] == bool(check.forced.all() and want.all())
+  assert record["stop"] == bool(check.forced.all() and want.all()
+                                and check.gap.min() >= recall_lib.STOP_GAP)
 
 
 def test_facts_whose_trained_tokens_hold_no_stop_are_decoded(trained, facts, stories_tokenizer):

@@ -247,7 +247,7 @@ def test_facts_missed_when_the_epochs_run_out_are_repaired_and_nothing_else_chan
     cli, lora_run, tmp_path, capsys):
   facts_file, _, _ = lora_run
   run_dir = tmp_path / "repaired"
-  # One epoch at half the learning rate memorizes half of the 8 facts (4 measured on this CPU).
+  # One epoch at half the learning rate memorizes some of the 8 facts, not all (asserted below).
   short = MOME + ["--set", "mome.train.epochs=1", "--set", "mome.train.optimizer.learning_rate=0.5"]
   assert tune.main(cli.args(facts_file, run_dir, "mome", *short, "--set", "mome.repair_epochs=0")) == 1
   missed = [f["id"] for f in json.loads((run_dir / tune.RESULT_FILE).read_text())["failed"]]

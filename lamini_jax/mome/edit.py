@@ -50,12 +50,13 @@ from lamini_jax.mome.anchors import ANCHOR
 from lamini_jax.mome.collisions import choice_fragility, fires_at, written_slots
 from lamini_jax.mome.config import MomeTuningConfig
 from lamini_jax.mome.edit_checks import check_edits, checked_new_facts
-from lamini_jax.mome.inputs import fact_inputs, layer_key, layer_paths, token_routes, tree_get, tree_set
+from lamini_jax.mome import inputs as inputs_lib
+from lamini_jax.mome.inputs import layer_key, layer_paths, token_routes, tree_get, tree_set
 from lamini_jax.mome.layer import BALANCE, ROUTER, TABLE
 from lamini_jax.mome import registry
 from lamini_jax.mome.registry import StoredFact
-from lamini_jax.mome.router import route_jit
 from lamini_jax.mome.sparse_optim import LEAVES
+from lamini_jax.mome.sparse_table import sparse
 from lamini_jax.mome.steps import make_tuning_step
 from lamini_jax.mome.table import expert_input, key_rows, zero_rows
 from lamini_jax.mome.tuning import batch_routes, focus_slots, tuning_state
@@ -67,7 +68,8 @@ class Editor:
   """What every edit of one MoME model needs; tables and registries are passed along.
 
   `frozen` holds "params", "mome_router" and "mome_balance"; `anchors` is the phase-2
-  anchor pool with its first-layer "experts" (None when `mome.anchor.weight` is 0).
+  anchor pool with its first-layer "experts" (None when `mome.anchor.weight` is 0); `routes`
+  keeps each fact's `answer_routes` (one MoME layer: they do not change with the table).
   """
 
   model: Transformer  # without a mesh: edits run on one device
@@ -77,6 +79,7 @@ class Editor:
   template: encoding.PromptTemplate
   pad_id: int
   anchors: dict[str, Any] | None = None
+  routes: dict[bytes, tuple] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   @property
   def path(self) -> tuple[str, ...]:
@@ -134,12 +137,8 @@ class Edit:
 
 def answer_routes(ed: Editor, table: Any, encoded: Sequence[encoding.EncodedFact]
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """(inputs [P, D], experts [P, K], weights [P, K], fact index [P]) of the layer at the
-  facts' answer positions."""
-  x, fact_P = fact_inputs(ed.model, ed.variables(table), encoded)
-  idx, w = route_jit(tree_get(ed.frozen[ROUTER], ed.path), jnp.asarray(x[ed.layer]), ed.model.mome,
-                     tree_get(ed.frozen[BALANCE], ed.path))
-  return x[ed.layer], np.asarray(idx), np.asarray(w), fact_P
+  """`inputs.answer_routes` of the edited layer, each fact's computed once per editor."""
+  return inputs_lib.answer_routes(ed.model, ed.variables(table), ed.path, encoded, ed.routes)
 
 
 def _first_slots(ed: Editor) -> bool:
@@ -187,7 +186,7 @@ def _would_fire(ed: Editor, table: Any, x_PxD: np.ndarray, idx_PxK: np.ndarray,
   readers = registry.neighbours(stored, {ed.layer: np.unique(idx_PxK)})
   if not readers:
     return np.zeros(idx_PxK.shape, bool)
-  x_QxD, idx_QxK, _, _ = answer_routes(ed, table, ed.encode([as_fact(f) for f in readers]))
+  x_QxD, idx_QxK, _, _ = answer_routes(ed, table, ed.encode([f.fact() for f in readers]))
   cfg = ed.model.mome
   return fires_at(expert_input(x_PxD, cfg), idx_PxK, expert_input(x_QxD, cfg), idx_QxK, ed.spec.key_match)
 
@@ -220,7 +219,7 @@ def fired_rows(ed: Editor, table: Any, facts: Sequence[StoredFact], rows: np.nda
   out = [np.zeros(0, np.int64) for _ in facts]
   if not facts or not len(rows):
     return out
-  x_PxD, idx_PxK, _, fact_P = answer_routes(ed, table, ed.encode([as_fact(f) for f in facts]))
+  x_PxD, idx_PxK, _, fact_P = answer_routes(ed, table, ed.encode([f.fact() for f in facts]))
   p, k = np.nonzero(np.isin(idx_PxK, rows))
   if not p.size:
     return out
@@ -236,10 +235,6 @@ def fired_rows(ed: Editor, table: Any, facts: Sequence[StoredFact], rows: np.nda
 def firing(ed: Editor, table: Any, facts: Sequence[StoredFact], rows: np.ndarray) -> list[StoredFact]:
   """Those of `facts` at which one of `rows` fires (`fired_rows`)."""
   return [f for f, r in zip(facts, fired_rows(ed, table, facts, rows)) if r.size]
-
-
-def as_fact(stored: StoredFact) -> facts_lib.Fact:
-  return facts_lib.Fact(stored.question, stored.answer, stored.id)
 
 
 def recalled(ed: Editor, table: Any, facts: Sequence[facts_lib.Fact]) -> dict[str, bool]:
@@ -271,7 +266,7 @@ def retrain(ed: Editor, table: Any, entries: Sequence[StoredFact], rows: np.ndar
   train_lib.release_freed_host_memory()  # the tables earlier edits freed (docs/sequential.md)
   t0 = time.perf_counter()
   spec, model = ed.spec, ed.model
-  x_PxD, idx_PxK, _, fact_P = answer_routes(ed, table, ed.encode([as_fact(f) for f in entries]))
+  x_PxD, idx_PxK, _, fact_P = answer_routes(ed, table, ed.encode([f.fact() for f in entries]))
   mask_PxK = written_mask(ed, entries, fact_P, idx_PxK.shape[1])
   layer = key_rows(tree_get(table, ed.path), np.where(mask_PxK, idx_PxK, -1), x_PxD, model.mome,
                    spec.key_match, only=rows)  # donates the layer: written in place
@@ -283,7 +278,7 @@ def retrain(ed: Editor, table: Any, entries: Sequence[StoredFact], rows: np.ndar
   if own.size and pool:  # the readers' own rows train: their writers and the facts they fire at too
     writers, others = _split(ed, [f for f in pool if f.id not in known], own)
     more = writers + firing(ed, table, others, own)
-  facts = [as_fact(f) for f in list(entries) + hit + more]
+  facts = [f.fact() for f in list(entries) + hit + more]
   encoded = ed.encode(facts)
   if reset_up:
     table = tree_set(table, ed.path, zero_rows(tree_get(table, ed.path), rows, ("up",)))
@@ -336,13 +331,20 @@ def written_rows(facts: Sequence[StoredFact], layer: str) -> np.ndarray:
 def add(ed: Editor, table: Any, stored: Sequence[StoredFact], new: Sequence[facts_lib.Fact], *,
         epochs: int, recall_every: int = 1, progress: bool = False, added: str | None = None,
         source: str = "the new facts") -> Edit:
-  """Stores `new` facts: trains the rows they write on them and on their neighbours."""
+  """Stores `new` facts: trains the rows they write on them and on their neighbours; then, with
+  `mome.repair_epochs`, `repair` of those it trained that are not recalled."""
   new = checked_new_facts(stored, new, source)
   entries = stored_facts(ed, table, new, added or registry.now(), ed.encode(new), stored)
-  rows = written_rows(entries, ed.layer)
-  table, training, trained = retrain_rows(ed, table, stored, rows, entries, reset_up=False,
-                                          epochs=epochs, recall_every=recall_every, progress=progress)
-  return Edit(table, tuple(stored) + tuple(entries), trained, (training,), dict(training.recalled))
+  table, training, trained = retrain_rows(ed, table, stored, written_rows(entries, ed.layer), entries,
+                                          reset_up=False, epochs=epochs, recall_every=recall_every,
+                                          progress=progress)
+  done = Edit(table, tuple(stored) + tuple(entries), trained, (training,), dict(training.recalled))
+  missed = [k for k, ok in training.recalled.items() if not ok]
+  if not (missed and ed.spec.repair_epochs):
+    return done
+  fixed = repair(ed, table, done.facts, epochs=ed.spec.repair_epochs, progress=progress, missed=missed)
+  return Edit(fixed.table, done.facts, np.union1d(trained, fixed.changed), done.trainings + fixed.trainings,
+              {**done.recalled, **fixed.recalled})
 
 
 def _split(ed: Editor, pool: Sequence[StoredFact], rows: np.ndarray
@@ -388,7 +390,7 @@ def forget(ed: Editor, table: Any, stored: Sequence[StoredFact], facts: Sequence
     trainings.append(training)
     changed.append(trained)
   checked = {k: v for t in trainings for k, v in t.recalled.items()}
-  checked.update(recalled(ed, table, [as_fact(s) for s in writers + hit if s.id not in checked]))
+  checked.update(recalled(ed, table, [s.fact() for s in writers + hit if s.id not in checked]))
   lost = [s for s in hit if not checked[s.id]]
   if lost:  # readers that relied on a reset row: their own rows learn to do without it
     table, training, trained = retrain_rows(ed, table, rest, written_rows(lost, ed.layer),
@@ -396,7 +398,7 @@ def forget(ed: Editor, table: Any, stored: Sequence[StoredFact], facts: Sequence
     trainings.append(training)
     changed.append(trained)
     checked.update(training.recalled)
-  removed = recalled(ed, table, [as_fact(s) for s in victims])
+  removed = recalled(ed, table, [s.fact() for s in victims])
   return Edit(table, tuple(rest), np.unique(np.concatenate(changed)), tuple(trainings), checked, alone,
               removed)
 
@@ -419,7 +421,7 @@ def update(ed: Editor, table: Any, stored: Sequence[StoredFact],
   stamp, place = registry.now(), {s.id: i for i, s in enumerate(stored)}
   entries = [dataclasses.replace(s, added=was[s.id].added, updated=stamp)
              if s.id in ids else s for s in added.facts]
-  old = recalled(ed, added.table, [as_fact(was[f.fact_id]) for f in new])
+  old = recalled(ed, added.table, [was[f.fact_id].fact() for f in new])
   return Edit(added.table, tuple(sorted(entries, key=lambda s: place[s.id])),
               np.union1d(removed.changed, added.changed), removed.trainings + added.trainings,
               {**removed.recalled, **added.recalled}, np.setdiff1d(removed.zeroed, added.changed), old)
@@ -430,9 +432,8 @@ def repair(ed: Editor, table: Any, stored: Sequence[StoredFact], *, epochs: int,
   """Retrains the rows that the stored facts not recalled exactly write (the ids `missed`, else
   every fact is checked), with the facts those rows serve, from a fresh optimizer state: for
   facts missed when training ran out of epochs with their rows' learning rates decayed."""
-  if missed is not None and set(missed) - {s.id for s in stored}:
-    raise KeyError(f"no stored fact has the id {sorted(set(missed) - {s.id for s in stored})[0]!r}")
-  ok = recalled(ed, table, [as_fact(s) for s in stored]) if missed is None else dict.fromkeys(missed, False)
+  ok = (recalled(ed, table, [s.fact() for s in stored]) if missed is None
+        else {registry.find(stored, fact_id=i).id: False for i in missed})
   rows = written_rows([s for s in stored if not ok.get(s.id, True)], ed.layer)
   if not rows.size:
     return Edit(table, tuple(stored), rows, (), ok)
@@ -443,7 +444,4 @@ def repair(ed: Editor, table: Any, stored: Sequence[StoredFact], *, epochs: int,
 
 def changed_rows(ed: Editor, table: Any, rows: np.ndarray) -> registry.Rows:
   """`registry.Rows` of the layer: rows `rows` of the table, to commit beside the registry."""
-  rows = np.unique(np.asarray(rows, np.int64))
-  layer = tree_get(table, ed.path)
-  idx = jnp.asarray(rows, jnp.int32)
-  return {ed.layer: {"rows": rows, **{k: np.asarray(jnp.take(v, idx, axis=0)) for k, v in layer.items()}}}
+  return {ed.layer: sparse(tree_get(table, ed.path), rows)}

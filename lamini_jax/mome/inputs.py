@@ -107,6 +107,32 @@ def fact_inputs(model: Transformer, variables: Any, encoded: Sequence[encoding.E
   return {name: np.concatenate(c) for name, c in chunks.items()}, np.nonzero(pred)[0]
 
 
+def answer_routes(model: Transformer, variables: Any, path: tuple[str, ...],
+                  encoded: Sequence[encoding.EncodedFact], cache: dict[bytes, tuple] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(inputs [P, D], experts [P, K], weights [P, K], fact index [P]) of the MoME layer at `path`
+  at the facts' answer positions.
+
+  `cache` (by a fact's tokens) keeps each fact's once computed: valid while the backbone,
+  router and balance stay as they are and no MoME layer sits below this one (its input is
+  then the backbone's, whatever the tables hold), as when editing a run's memory.
+  """
+  keys = [e.tokens.tobytes() + e.loss_mask.tobytes() for e in encoded]
+  cache = {} if cache is None else cache
+  todo = list({k: e for k, e in zip(keys, encoded) if k not in cache}.items())
+  if todo:
+    x, fact_P = fact_inputs(model, variables, [e for _, e in todo])
+    x_PxD = x[layer_key(path)]
+    idx, w = route_jit(tree_get(variables[ROUTER], path), jnp.asarray(x_PxD), model.mome,
+                       tree_get(variables[BALANCE], path))
+    idx, w = np.asarray(idx), np.asarray(w)
+    for i, (k, _) in enumerate(todo):
+      cache[k] = (x_PxD[fact_P == i], idx[fact_P == i], w[fact_P == i])
+  parts = [cache[k] for k in keys]
+  fact_P = np.repeat(np.arange(len(parts)), [len(p[0]) for p in parts])
+  return tuple(np.concatenate([p[j] for p in parts]) for j in range(3)) + (fact_P,)
+
+
 def token_routes(model: Transformer, variables: Any, tokens_NxT: np.ndarray,
                  batch_size: int = 32) -> np.ndarray:
   """int32 [N, T, K]: the experts the first MoME layer selects at every position of `tokens_NxT`.

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from lamini_jax.data import facts as facts_lib
+
 MANIFEST = "memory.json"
 MEMORY_DIR = "memory"
 LOCK = "memory.lock"
@@ -58,6 +60,10 @@ class StoredFact:
   reads: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
   updated: str | None = None
   slots: dict[str, tuple[tuple[int, ...], ...]] = dataclasses.field(default_factory=dict)
+
+  def fact(self) -> facts_lib.Fact:
+    """The question and answer, as training and recall take them."""
+    return facts_lib.Fact(self.question, self.answer, self.id)
 
   def rows(self, layer: str) -> np.ndarray:
     """Every row of `layer` that the fact's answer positions select: written or read."""
@@ -118,8 +124,10 @@ def neighbours(facts: Sequence[StoredFact], rows: dict[str, np.ndarray],
   write them (collision neighbours) and, with `train_slots`, the ones that read them.
   """
   skip = set(exclude)
-  return [f for f in facts if f.id not in skip
-          and any(np.intersect1d(f.rows(layer), r).size for layer, r in rows.items())]
+  wanted = {layer: set(np.asarray(r, np.int64).tolist()) for layer, r in rows.items()}
+  return [f for f in facts if f.id not in skip and any(  # set lookups: linear in the rows stored
+      not w.isdisjoint(f.experts.get(layer, ())) or not w.isdisjoint(f.reads.get(layer, ()))
+      for layer, w in wanted.items())]
 
 
 def neighbour_map(facts: Sequence[StoredFact]) -> dict[str, dict[str, int]]:

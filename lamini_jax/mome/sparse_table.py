@@ -37,9 +37,10 @@ def trained_rows(up_NxRxD: jax.Array) -> np.ndarray:
   return np.flatnonzero(np.asarray(jax.device_get(nonzero_N))).astype(np.int64)
 
 
-def sparse(table: dict[str, jax.Array]) -> dict[str, np.ndarray]:
-  """{"rows": [M], "down": [M, D, R], "up": [M, R, D]} of one layer's trained rows, on the host."""
-  rows_M = trained_rows(table["up"])
+def sparse(table: dict[str, jax.Array], rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """{"rows": [M], "down": [M, D, R], "up": [M, R, D]} of one layer's trained rows (or of the
+  distinct `rows` given), on the host."""
+  rows_M = trained_rows(table["up"]) if rows is None else np.unique(np.asarray(rows, np.int64))
   idx_M = jnp.asarray(rows_M.astype(np.int32))
   return {ROWS: rows_M, **{name: np.asarray(jax.device_get(jnp.take(table[name], idx_M, axis=0)))
                           for name in TABLE_AXES}}
