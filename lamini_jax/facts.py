@@ -252,8 +252,8 @@ def update(run_dir, answer: str | None = None, fact_id: str | None = None, quest
     edit_checks.checked_changes(ensure_registry(target)[1], changes, source)
 
   def run_edit(ed, table, stored):
-    return edit_lib.update(ed, table, stored, edit_checks.checked_changes(stored, changes, source), epochs=n,
-                           progress=progress)
+    checked = edit_checks.checked_changes(stored, changes, source)
+    return edit_lib.update(ed, table, stored, checked, epochs=n, progress=progress)
   named = [repr(c.fact_id or c.question) for c in changes]
   return _edit(target, f"update {_ids(named)}" + (f" from {facts_file}" if facts_file else ""), run_edit)
 

@@ -21,8 +21,11 @@ that the run uses and that is shorter than the longest fact is an error.
 The run directory (`runs.RunDir`) holds one trained model, labelled by the method (`lora` or
 `mome`), that `python -m lamini_jax.generate --run`, `python -m lamini_jax.export` and
 `runs.load_trained` read, with `facts.jsonl` (the facts trained) and `tune.json` (the recall, the
-facts not recalled). `--resume` continues a killed run, or a finished one with a larger epoch
-budget. Exit status 0: every fact recalled; 1: not every one; 2: an error (nothing written).
+facts not recalled). With MoME and `mome.repair_epochs` > 0, facts still missed when the epochs
+run out retrain their rows from a fresh optimizer state (`lamini_jax.facts repair`, committed as
+an edit of the run's memory). `--resume` continues a killed run, or a finished one with a larger
+epoch budget (not one that was repaired or edited). Exit status 0: every fact recalled; 1: not
+every one; 2: an error (nothing written).
 """
 
 from __future__ import annotations
