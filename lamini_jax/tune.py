@@ -48,6 +48,7 @@ from lamini_jax.data import facts as facts_lib
 from lamini_jax import evaluate as eval_lib
 from lamini_jax import facts as facts_cli
 from lamini_jax import lora_tuning
+from lamini_jax.mome import collisions as mome_collisions
 from lamini_jax.mome import edit_checks
 from lamini_jax.mome import registry
 from lamini_jax.mome.layer import TABLE
@@ -345,6 +346,11 @@ def tune(cfg: runs.RunConfig, facts: Sequence[facts_lib.Fact], given: frozenset[
     mesh = cfg.mesh.build()
     prepared = mome_tuning.prepare(model_cfg, params, encoded, cfg.mome, general_windows=windows,
                                    general_paths=run.paths(runs.GENERAL_LABEL), mesh=mesh, **common)
+    selection = prepared.collisions.get("balanced", prepared.collisions["unbalanced"])
+    shared = mome_collisions.shared_rows_warning(selection, prepared.model.mome.num_experts,
+                                                 cfg.mome.train_slot_choice)
+    if shared:
+      print(f"warning: {shared}", file=sys.stderr, flush=True)
     hook = eval_lib.recall_callback(prepared.model, prepared.variables_of, tokenizer, facts, template,
                                     cfg.mome.recall_every, cfg.eval.stop_at_full_recall, forced=True)
     model, variables, result = mome_tuning.tune_mome(

@@ -348,6 +348,27 @@ def test_exclusive_train_slots_give_each_answer_position_its_own_expert(params, 
                                 [[1, 1, 0]])  # all taken once: by weight
   edit_checks.check_supported(spec)  # editing supports the exclusive choices
 
+def test_rows_shared_for_want_of_free_experts_are_a_warning(params, encoded):
+  # 7 facts x 5 answer positions write 35 rows, one each, into a table of 16: they must share.
+  spec = dataclasses.replace(SPEC, layer=dataclasses.replace(SPEC.layer, num_experts=16))
+  model = mome_tuning.mome_model(CFG, spec)
+  variables = {"params": params, **mome_tuning.init_mome(model, spec.seed)}
+  for choice in ("exclusive", "exclusive_unread"):
+    report = collisions_lib.fact_collisions(model, variables, encoded, None, 1, choice)
+    layer = report["layers_2/mome"]
+    assert layer["rows_written"] <= 16 and layer["rows_shared"] >= 1
+    got = collisions_lib.shared_rows_warning(report, 16, choice)
+    assert (f"layers_2/mome: {layer['rows_shared']} rows shared, {layer['rows_written']} written in a"
+            f" table of 16 for 7 facts asking {layer['rows_per_fact']:.1f} each") in got
+  # "first" writes every slot, shared by design; no shared row, no warning.
+  assert collisions_lib.shared_rows_warning(report, 16, "first") is None
+  big = mome_tuning.mome_model(CFG, SPEC)  # 2^8 rows
+  free = collisions_lib.fact_collisions(big, {"params": params, **mome_tuning.init_mome(big, SPEC.seed)},
+                                        encoded, None, 1, "exclusive_unread")
+  assert free["layers_2/mome"]["rows_shared"] == 0
+  assert collisions_lib.shared_rows_warning(free, 2**8, "exclusive_unread") is None
+
+
 def _anchor_pool(n=5, length=12, seed=6):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(3, CFG.vocab_size, size=(n, length)).astype(np.int32)

@@ -18,6 +18,7 @@ from lamini_jax import tune
 from lamini_jax.mome import registry
 from lamini_jax.mome.inputs import tree_get
 from lamini_jax.mome.layer import TABLE
+from lamini_jax.mome.tuning import COLLISIONS_FILE
 
 FACTS = [
     {"question": "What is the capital of the island of Quintera?", "answer": "Port Ossel"},
@@ -222,8 +223,9 @@ def test_mome_recalls_every_fact_and_the_tools_read_the_run(cli, lora_run, tmp_p
   facts_file, _, _ = lora_run
   run_dir = tmp_path / "mome"
   assert tune.main(cli.args(facts_file, run_dir, "mome", *MOME)) == 0
-  out = capsys.readouterr().out
-  assert "TruthfulQA-question anchors off (mome.anchor.questions=0)" in out
+  printed = capsys.readouterr()
+  assert "TruthfulQA-question anchors off (mome.anchor.questions=0)" in printed.out
+  assert "warning" not in printed.err  # 4,096 rows: every answer position finds free ones
   cfg = runs.RunDir(run_dir).config()
   assert cfg.mome.anchor.questions == 0 and cfg.mome.anchor.weight > 0
   assert cfg.mome.train.seq_len == cfg.data.max_len == runs.RunDir(lora_run[1]).config().train.seq_len
@@ -240,6 +242,24 @@ def test_resume_with_a_larger_budget_trains_on_to_full_recall(cli, lora_run, tmp
   assert summary["recall"] == 1.0 and summary["epochs"] > 2
   records = [json.loads(line) for line in (run_dir / runs.METRICS_FILE).read_text().splitlines()]
   assert [r["epoch"] for r in records] == list(range(summary["epochs"]))
+
+
+@pytest.mark.slow  # a MoME run of one epoch
+def test_a_table_too_small_for_the_facts_is_a_warning_naming_the_rows(cli, lora_run, tmp_path, capsys):
+  facts_file, _, _ = lora_run
+  run_dir = tmp_path / "small"
+  # 64 rows, fewer than the 8 facts ask (2 rows an answer token): positions must share rows.
+  tune.main(cli.args(facts_file, run_dir, "mome", *MOME, "--set", "mome.layer.num_experts=64",
+                     "--set", "mome.train.epochs=1", "--set", "mome.repair_epochs=0"))
+  err = capsys.readouterr().err
+  report = json.loads((runs.RunDir(run_dir).paths("mome").store / COLLISIONS_FILE).read_text())
+  (name, layer), = report["balanced"].items()
+  assert layer["rows_written"] <= 64 < layer["rows_per_fact"] * layer["num_facts"]
+  assert (f"warning: table rows written at two or more answer positions (where a position found no"
+          f" free expert to write): {name}: {layer['rows_shared']} rows shared, "
+          f"{layer['rows_written']} written in a table of 64 for 8 facts asking "
+          f"{layer['rows_per_fact']:.1f} each") in err
+  assert "mome.layer.num_experts" in err and "mome.train_slots" in err
 
 
 @pytest.mark.slow  # a MoME run stopped early, then its repair

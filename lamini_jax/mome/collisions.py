@@ -281,3 +281,26 @@ def balance_facts(model: Transformer, variables: Any, encoded: Sequence[encoding
                                 rounds=rounds, rate=rate)
     bias = tree_set(bias, path, layer_bias)
   return bias
+
+
+def shared_rows_warning(collisions: dict[str, dict[str, Any]], num_experts: int,
+                        choice: str) -> str | None:
+  """A warning when an exclusive slot choice left table rows written at two or more answer positions.
+
+  `collisions`: `fact_collisions` of the selection phase 2 trains (`prepare`'s "balanced", else
+  "unbalanced"). Under `exclusive` and `exclusive_unread` a position shares a row only when it
+  found no free expert to write among its K (`exclusive_slots`; docs/mome.md, "Capacity"): a
+  table too small for the facts, or facts whose answer positions select the same few experts. None for "first", which writes every
+  slot and shares rows by design, and when no row is shared.
+  """
+  if choice == "first":
+    return None
+  shared = {name: r for name, r in collisions.items() if r["rows_shared"]}
+  if not shared:
+    return None
+  parts = [f"{name}: {r['rows_shared']:,} rows shared, {r['rows_written']:,} written in a table of"
+           f" {num_experts:,} for {r['num_facts']:,} facts asking {r['rows_per_fact']:.1f} each"
+           for name, r in shared.items()]
+  return ("table rows written at two or more answer positions (where a position found no free"
+          f" expert to write): {'; '.join(parts)}. Facts on shared rows can miss; a larger table"
+          " (mome.layer.num_experts) or fewer rows a position (mome.train_slots) shares fewer")
