@@ -290,8 +290,8 @@ def shared_rows_warning(collisions: dict[str, dict[str, Any]], num_experts: int,
   `collisions`: `fact_collisions` of the selection phase 2 trains (`prepare`'s "balanced", else
   "unbalanced"). Under `exclusive` and `exclusive_unread` a position shares a row only when it
   found no free expert to write among its K (`exclusive_slots`; docs/mome.md, "Capacity"): a
-  table too small for the facts, or facts whose answer positions select the same few experts. None for "first", which writes every
-  slot and shares rows by design, and when no row is shared.
+  table too small for the facts, or facts whose answer positions select the same few experts.
+  None for "first", which writes every slot and shares rows by design, and when no row is shared.
   """
   if choice == "first":
     return None
