@@ -580,17 +580,21 @@ def test_score_std_is_the_std_of_every_half_score_in_float64():
     np.testing.assert_allclose(float(router_lib.score_std(router, x, chunk)), want, rtol=1e-5)
 
 
-def test_balance_router_lowers_collisions_of_clustered_facts():
-  # 23 facts of 2 tokens whose hidden states share one dominant direction:
-  # without the bias they all pick the same few sub-keys and collide.
+def _clustered_facts(num_facts=23, length=2):
+  """(cfg, router, x [facts * length, 16], fact of each row): facts of 2 tokens whose hidden
+  states share one dominant direction, so without help they pick the same few sub-keys."""
   cfg = mome_config.MomeConfig(num_experts=63 * 65, embed_dim=16, num_heads=2, key_dim=8, top_k=2)
   router = router_lib.init_router(jax.random.PRNGKey(0), cfg)
-  num_facts, length = 23, 2
   rng = np.random.default_rng(0)
   x = (rng.normal(size=16) + 0.3 * rng.normal(size=(num_facts, 1, 16))
        + 0.05 * rng.normal(size=(num_facts, length, 16)))
-  x = jnp.asarray(x.reshape(-1, 16), jnp.float32)
-  fact = np.repeat(np.arange(num_facts), length)
+  return cfg, router, x.reshape(-1, 16).astype(np.float32), np.repeat(np.arange(num_facts), length)
+
+
+def test_balance_router_lowers_collisions_of_clustered_facts():
+  # Without the bias the clustered facts all pick the same few sub-keys and collide.
+  cfg, router, x, fact = _clustered_facts()
+  x, num_facts = jnp.asarray(x), fact.max() + 1
 
   route = jax.jit(functools.partial(router_lib.route, cfg=cfg))
 
@@ -615,3 +619,34 @@ def test_balance_router_lowers_collisions_of_clustered_facts():
   ref = np.exp(raw - raw.max(-1, keepdims=True))
   ref = (ref / ref.sum(-1, keepdims=True)).transpose(1, 0, 2).reshape(w_b.shape)
   np.testing.assert_allclose(np.asarray(w_b), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_whitened_query_decorrelates_its_inputs_and_spreads_clustered_facts():
+  # The clustered facts of the balance test: whitening alone spreads them over the experts.
+  cfg, router, x, fact = _clustered_facts()
+  num_facts = fact.max() + 1
+  white = router_lib.whitened(router, x, floor=0.0, chunk=10)  # rows in 5 chunks
+
+  # The new query is W @ query with W symmetric and W M W = mean(eig M) I for the second moment M
+  # of the inputs (float64): the query sees inputs whose second moment is a multiple of I.
+  q_DxE = np.asarray(router["query"], np.float64).reshape(16, -1)
+  w_DxD = np.asarray(white["query"], np.float64).reshape(16, -1) @ np.linalg.inv(q_DxE)
+  x64 = x.astype(np.float64)
+  m_DxD = x64.T @ x64 / len(x64)
+  np.testing.assert_allclose(w_DxD, w_DxD.T, atol=1e-5)
+  np.testing.assert_allclose(w_DxD @ m_DxD @ w_DxD, np.trace(m_DxD) / 16 * np.eye(16), atol=1e-4)
+  assert {k: v.shape for k, v in white.items()} == {k: v.shape for k, v in router.items()}
+  for name in ("keys1", "keys2"):
+    np.testing.assert_array_equal(np.asarray(white[name]), np.asarray(router[name]))
+
+  def report(r):
+    idx, _ = router_lib.route_jit(r, jnp.asarray(x), cfg)
+    return collisions_lib.collision_report(collisions_lib.fact_experts(np.asarray(idx), fact, num_facts))
+
+  before, after = report(router), report(white)
+  assert after.pair_collisions < 0.2 * before.pair_collisions
+  assert after.experts_used > 3 * before.experts_used
+  with pytest.raises(ValueError, match="all zero"):
+    router_lib.whitened(router, np.zeros((4, 16), np.float32))
+  with pytest.raises(ValueError, match=r"shape \(4, 15\), need \(rows >= 1, 16\)"):
+    router_lib.whitened(router, np.ones((4, 15), np.float32))

@@ -93,6 +93,7 @@ def _leaves_equal(a, b):
     (dict(key_match=1.5), "mome.key_match"),
     (dict(margin=-1.0), "mome.margin"),
     (dict(balance_rounds=-1), "mome.balance_rounds"),
+    (dict(whiten="yes"), "mome.whiten"),
 ])
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):
@@ -367,6 +368,32 @@ def test_rows_shared_for_want_of_free_experts_are_a_warning(params, encoded):
                                         encoded, None, 1, "exclusive_unread")
   assert free["layers_2/mome"]["rows_shared"] == 0
   assert collisions_lib.shared_rows_warning(free, 2**8, "exclusive_unread") is None
+
+
+def test_whiten_freezes_the_router_whitened_on_the_answer_inputs_and_balances_that(params, encoded, tmp_path):
+  spec = dataclasses.replace(SPEC, whiten=True, balance=True)
+  model = mome_tuning.mome_model(CFG, spec)
+  start = {"params": params, **mome_tuning.init_mome(model, spec.seed)}
+  x, _ = inputs_lib.fact_inputs(model, start, encoded)
+  paths = runs.RunDir(tmp_path).paths("mome")
+  prepared = mome_tuning.prepare(CFG, params, encoded, spec, pad_id=0, paths=paths)
+  router = prepared.frozen[layer_lib.ROUTER]
+  want = router_lib.whitened(start[layer_lib.ROUTER]["layers_2"]["mome"], x["layers_2/mome"])
+  assert _leaves_equal(router["layers_2"]["mome"], want)
+  # The report, the balance and the slots are of the whitened router.
+  white = {**start, layer_lib.ROUTER: router}
+  assert prepared.collisions["unbalanced"] == collisions_lib.fact_collisions(model, white, encoded, None)
+  balance = collisions_lib.balance_facts(model, white, encoded, spec.balance_rounds, spec.balance_rate)
+  assert _leaves_equal(prepared.frozen[layer_lib.BALANCE], balance)
+  plain = mome_tuning.prepare(CFG, params, encoded, dataclasses.replace(spec, whiten=False), pad_id=0)
+  assert not _leaves_equal(plain.frozen[layer_lib.ROUTER], router)
+  # Kept in the run's store: a resumed run routes with the same whitened router, restored (on the
+  # first 3 facts alone it would whiten to another).
+  resumed = mome_tuning.prepare(CFG, params, encoded[:3], spec, pad_id=0, paths=paths, resume=True)
+  assert _leaves_equal(resumed.frozen, prepared.frozen) and resumed.collisions == prepared.collisions
+  x3, _ = inputs_lib.fact_inputs(model, start, encoded[:3])
+  assert not _leaves_equal(router_lib.whitened(start[layer_lib.ROUTER]["layers_2"]["mome"],
+                                               x3["layers_2/mome"]), want)
 
 
 def _anchor_pool(n=5, length=12, seed=6):

@@ -4,15 +4,16 @@
 reports it per MoME layer over the facts' answer positions. `balance_router`
 sets a frozen per-sub-key selection bias that spreads the given tokens over the
 sub-keys (auxiliary-loss-free load balancing), and `balance_facts` runs it layer
-by layer on the facts. `exclusive_slots` chooses the slots answer positions write so that no
-two write one expert; `fires_at` says where a keyed expert would fire at other positions.
+by layer on the facts; `whiten_facts`, before it, decorrelates the router's inputs.
+`exclusive_slots` chooses the slots answer positions write so that no two write one
+expert; `fires_at` says where a keyed expert would fire at other positions.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ from lamini_jax.model import Transformer
 from lamini_jax.mome.config import MomeConfig
 from lamini_jax.mome.inputs import fact_inputs, layer_key, layer_paths, tree_get, tree_set
 from lamini_jax.mome.layer import BALANCE, ROUTER, TABLE
-from lamini_jax.mome.router import fragile_slots, route_jit, score_std, select_experts, zero_balance
+from lamini_jax.mome.router import fragile_slots, route_jit, score_std, select_experts, whitened, zero_balance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,24 +264,37 @@ def adds_zero(tables: Any) -> bool:
       tables, is_leaf=lambda n: isinstance(n, dict) and "up" in n))
 
 
-def balance_facts(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
-                  rounds: int, rate: float,
-                  inputs: tuple[dict[str, np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
-  """The "mome_balance" collection: `balance_router` on the facts' answer tokens.
+def _layer_by_layer(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
+                    inputs: tuple[dict[str, np.ndarray], np.ndarray] | None, collection: str,
+                    update: Callable[[tuple[str, ...], np.ndarray], Any]) -> Any:
+  """`variables[collection]` with each layer's entry replaced by update(path, its answer inputs).
 
-  Layer by layer in order, each on its inputs given the balance of the earlier
-  layers (recomputed unless every layer adds 0, when all see the backbone alone).
+  Layer by layer in order, each on its inputs given the updates of the earlier layers
+  (recomputed unless every layer adds 0, when all see the backbone alone).
   """
-  bias = variables[BALANCE]
+  out = variables[collection]
   fixed = adds_zero(variables[TABLE])
   for path in layer_paths(model):
     if inputs is None or not fixed:
-      inputs = fact_inputs(model, {**variables, BALANCE: bias}, encoded)
-    layer_bias = balance_router(tree_get(variables[ROUTER], path),
-                                jnp.asarray(inputs[0][layer_key(path)]), model.mome,
-                                rounds=rounds, rate=rate)
-    bias = tree_set(bias, path, layer_bias)
-  return bias
+      inputs = fact_inputs(model, {**variables, collection: out}, encoded)
+    out = tree_set(out, path, update(path, inputs[0][layer_key(path)]))
+  return out
+
+
+def balance_facts(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
+                  rounds: int, rate: float,
+                  inputs: tuple[dict[str, np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
+  """The "mome_balance" collection: `balance_router` on the facts' answer tokens, layer by layer."""
+  return _layer_by_layer(model, variables, encoded, inputs, BALANCE, lambda path, x: balance_router(
+      tree_get(variables[ROUTER], path), jnp.asarray(x), model.mome, rounds=rounds, rate=rate))
+
+
+def whiten_facts(model: Transformer, variables: Any, encoded: Sequence[encoding.EncodedFact],
+                 inputs: tuple[dict[str, np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
+  """The "mome_router" collection with each layer's query `router.whitened` on the facts' answer
+  tokens, layer by layer (`mome.whiten`)."""
+  return _layer_by_layer(model, variables, encoded, inputs, ROUTER,
+                         lambda path, x: whitened(tree_get(variables[ROUTER], path), x))
 
 
 def shared_rows_warning(collisions: dict[str, dict[str, Any]], num_experts: int,

@@ -203,7 +203,9 @@ class MomeTuningConfig:
   selection is fixed exactly; later layers' inputs move as the earlier
   experts train (their router weights stay frozen).
   `balance` turns on `balance_router` before phase 2 (collision
-  mitigation). `margin` adds `decision_hinge` to the phase-2 loss (0: cross-
+  mitigation); `whiten`, before it, multiplies each layer's frozen query projection
+  by the inverse square root of its inputs' second moment over the facts' answer
+  positions (`router.whitened`), so near inputs share fewer experts. `margin` adds `decision_hinge` to the phase-2 loss (0: cross-
   entropy only). `train` is phase 2: its optimizer is applied per expert row
   (keep Adafactor's `multiply_by_parameter_scale` off, since `up` starts at 0).
   `recall_every`: epochs between exact-match recall checks in experiments.
@@ -239,6 +241,7 @@ class MomeTuningConfig:
   layer: MomeConfig = MomeConfig(num_experts=2**18, num_heads=8, top_k=2)
   key_match: float = 0.0
   balance: bool = True
+  whiten: bool = False
   balance_rounds: int = 30
   balance_rate: float = 0.15
   margin: float = 1.0
@@ -260,6 +263,9 @@ class MomeTuningConfig:
     if self.margin < 0 or self.recall_every < 0 or self.repair_epochs < 0:
       raise ValueError(f"mome.margin={self.margin}, mome.recall_every={self.recall_every} and "
                        f"mome.repair_epochs={self.repair_epochs} must be >= 0")
+    for name in ("balance", "whiten"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"mome.{name}={getattr(self, name)!r} must be true or false")
     if self.balance_rounds < 0 or self.balance_rate < 0:
       raise ValueError(f"mome.balance_rounds={self.balance_rounds} and mome.balance_rate="
                        f"{self.balance_rate} must be >= 0")

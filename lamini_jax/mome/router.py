@@ -263,6 +263,37 @@ def route(
 route_jit = jax.jit(route, static_argnums=2)  # route with a static MomeConfig
 
 
+# `whitened`: the eigenvalues of the inputs' second moment are floored at this share of their mean.
+WHITEN_FLOOR = 1e-3
+
+
+def whitened(router: dict[str, jax.Array], x_PxD: np.ndarray, floor: float = WHITEN_FLOOR,
+             chunk: int = 2**16) -> dict[str, jax.Array]:
+  """The router with its query projection applied to x W instead of x: inputs decorrelated.
+
+  W = U diag((lambda + floor * mean(lambda))^-1/2) U^T * mean(lambda)^1/2, where U diag(lambda) U^T
+  is the second moment E[x x^T] over the rows of x_PxD (not centred: no bias is needed, so the
+  router keeps its parameters and every reader of them, the export included, routes alike).
+  Along every direction the inputs' mean square becomes mean(lambda) (floored directions a little
+  less), so score scales stay near the router's own; a few strong shared directions no longer
+  decide the selection of inputs that differ elsewhere, and near inputs share fewer experts
+  (docs/tried.md, "A whitened router input"). Float64 on the host, the rows in chunks of `chunk`.
+  """
+  x_PxD = np.asarray(x_PxD)
+  d = router["query"].shape[0]
+  if x_PxD.ndim != 2 or x_PxD.shape[1] != d or not len(x_PxD):
+    raise ValueError(f"whitened: inputs of shape {x_PxD.shape}, need (rows >= 1, {d})")
+  m_DxD = sum(c.T @ c for c in (x_PxD[i:i + chunk].astype(np.float64)
+                                for i in range(0, len(x_PxD), chunk))) / len(x_PxD)
+  lam_D, u_DxD = np.linalg.eigh(m_DxD)
+  mean = lam_D.mean()
+  if not mean > 0:
+    raise ValueError(f"whitened: the {len(x_PxD)} inputs are all zero (or not finite)")
+  w_DxD = (u_DxD * np.sqrt(mean / (lam_D + floor * mean))) @ u_DxD.T
+  query = np.einsum("DE,EAQ->DAQ", w_DxD, np.asarray(router["query"], np.float64))
+  return {**router, "query": jnp.asarray(query, router["query"].dtype)}
+
+
 # A slot whose selection score beats its head's best unselected expert by less than this share of
 # that expert's score can leave the top-k under float rounding alone (another batch shape, a KV
 # cache, float64): `fragile_slots`, which the exclusive slot choice writes last.

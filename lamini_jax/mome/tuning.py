@@ -4,13 +4,14 @@ Two phases (paper section 7.1), both built on `train.fit`:
   1. generalization (`generalize`, skipped when `epochs = 0`): router and expert
      tables train on general text, the backbone frozen; the result is kept in
      the run directory and reused by every later call with the same configuration.
-  2. memory tuning (`tune_mome`): the router is frozen (and, with `balance`,
-     given a frozen selection bias that spreads the facts over the experts), so
-     each fact selects the same experts on every step; a step updates only the
-     selected experts' rows, so unselected experts, the router and the backbone
-     stay bit-for-bit unchanged.
-`prepare` runs phase 1 (or restores it), the balance, the collision report and
-the keying of experts; `load_mome` rebuilds a trained model from its run paths.
+  2. memory tuning (`tune_mome`): the router is frozen (with `whiten`, its query
+     first decorrelates the facts' inputs; with `balance`, it is given a frozen
+     selection bias that spreads the facts over the experts), so each fact
+     selects the same experts on every step; a step updates only the selected
+     experts' rows, so unselected experts, the router and the backbone stay
+     bit-for-bit unchanged.
+`prepare` runs phase 1 (or restores it), the whitening, the balance, the collision
+report and the keying of experts; `load_mome` rebuilds a trained model from its run paths.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from lamini_jax.data import encoding
 from lamini_jax.model import Transformer
 from lamini_jax.mome.anchors import ANCHOR
 from lamini_jax.mome.collisions import adds_zero, balance_facts, choice_fragility, fact_collisions
-from lamini_jax.mome.collisions import written_slots
+from lamini_jax.mome.collisions import whiten_facts, written_slots
 from lamini_jax.mome.config import MomeTuningConfig
 from lamini_jax.mome.inputs import (fact_inputs, fact_slots, layer_key, layer_paths, token_routes, tree_get,
                                     tree_set)
@@ -263,7 +264,7 @@ def prepare(cfg: ModelConfig, params: Any, encoded: Sequence[encoding.EncodedFac
             paths: train_lib.RunPaths | None = None, general_paths: train_lib.RunPaths | None = None,
             label: str = "mome", resume: bool = False, progress: bool = True,
             mesh: Mesh | None = None, gather_apply: GatherApplyFn | None = None) -> Prepared:
-  """Phase 1 (or its cache), the optional balance, and the collision report of the facts.
+  """Phase 1 (or its cache), the optional whitening and balance, and the facts' collision report.
 
   With `paths`, the frozen router and balance are written to `paths.store` with
   the collision report (`is_prepared` tells whether they are there), and
@@ -292,6 +293,9 @@ def prepare(cfg: ModelConfig, params: Any, encoded: Sequence[encoding.EncodedFac
     collisions = json.loads((store / COLLISIONS_FILE).read_text())
   else:
     inputs = fact_inputs(plain, variables, encoded)
+    if spec.whiten:
+      variables[ROUTER] = whiten_facts(plain, variables, encoded, inputs)
+      inputs = inputs if adds_zero(variables[TABLE]) else None
     collisions = {"unbalanced": fact_collisions(plain, variables, encoded, inputs, *choice)}
     if spec.balance:
       variables[BALANCE] = balance_facts(plain, variables, encoded, spec.balance_rounds,
