@@ -564,6 +564,11 @@ def test_fact_experts_is_the_union_over_each_facts_tokens():
   fact = np.array([0, 0, -1, 2])
   got = collisions_lib.fact_experts(idx, fact, 3)
   assert [g.tolist() for g in got] == [[1, 4, 9], [], [2, 3]]
+  # Tokens of many facts, unordered: each fact's union of Python sets.
+  rng = np.random.default_rng(0)
+  fact, idx = rng.integers(-1, 40, size=500), rng.integers(0, 300, size=(500, 3))
+  want = [sorted({int(e) for t in np.flatnonzero(fact == f) for e in idx[t]}) for f in range(40)]
+  assert [g.tolist() for g in collisions_lib.fact_experts(idx, fact, 40)] == want
 
 
 def test_score_std_is_the_std_of_every_half_score_in_float64():

@@ -23,7 +23,7 @@ import numpy as np
 from lamini_jax.data import encoding
 from lamini_jax.model import Transformer
 from lamini_jax.mome.config import MomeConfig
-from lamini_jax.mome.inputs import fact_inputs, layer_key, layer_paths, tree_get, tree_set
+from lamini_jax.mome.inputs import fact_inputs, fact_rows, layer_key, layer_paths, tree_get, tree_set
 from lamini_jax.mome.layer import BALANCE, ROUTER, TABLE
 from lamini_jax.mome.router import fragile_slots, route_jit, score_std, select_experts, whitened, zero_balance
 
@@ -46,8 +46,8 @@ class CollisionReport:
 
 def fact_experts(idx_TxK: np.ndarray, fact_T: np.ndarray, num_facts: int) -> list[np.ndarray]:
   """The union of the experts selected by each fact's tokens (fact_T[t] < 0: no fact)."""
-  idx_TxK, fact_T = np.asarray(idx_TxK), np.asarray(fact_T)
-  return [np.unique(idx_TxK[fact_T == f]) for f in range(num_facts)]
+  idx_TxK = np.asarray(idx_TxK)
+  return [np.unique(idx_TxK[rows]) for rows in fact_rows(fact_T, num_facts)]
 
 
 def collision_report(experts_per_fact: Sequence[np.ndarray]) -> CollisionReport:

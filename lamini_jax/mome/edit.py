@@ -51,7 +51,7 @@ from lamini_jax.mome.collisions import choice_fragility, fires_at, written_slots
 from lamini_jax.mome.config import MomeTuningConfig
 from lamini_jax.mome.edit_checks import check_edits, checked_new_facts
 from lamini_jax.mome import inputs as inputs_lib
-from lamini_jax.mome.inputs import layer_key, layer_paths, token_routes, tree_get, tree_set
+from lamini_jax.mome.inputs import fact_rows, layer_key, layer_paths, token_routes, tree_get, tree_set
 from lamini_jax.mome.layer import BALANCE, ROUTER, TABLE
 from lamini_jax.mome import registry
 from lamini_jax.mome.registry import StoredFact
@@ -168,8 +168,8 @@ def stored_facts(ed: Editor, table: Any, facts: Sequence[facts_lib.Fact], added:
   written_PxK = written_slots(idx, w, spec.train_slots, spec.train_slot_choice,
                               rows("experts"), rows("reads"), avoid, fragile)
   out = []
-  for i, f in enumerate(facts):
-    mine, mask = idx[fact_P == i], written_PxK[fact_P == i]
+  for f, at in zip(facts, fact_rows(fact_P, len(facts))):
+    mine, mask = idx[at], written_PxK[at]
     written = np.unique(mine[mask])
     read = np.setdiff1d(mine, written)
     slots = {} if _first_slots(ed) else {
@@ -227,9 +227,8 @@ def fired_rows(ed: Editor, table: Any, facts: Sequence[StoredFact], rows: np.nda
                                    jnp.asarray(idx_PxK[p, k], jnp.int32), axis=0), np.float64)
   pre_HxR = np.einsum("hd,hdr->hr", expert_input(x_PxD[p].astype(np.float64), ed.model.mome), keys_HxDxR)
   fires = np.any(pre_HxR > ed.model.mome.threshold * (1 - 1e-5), axis=1)  # float32's edge counts as firing
-  for i in range(len(facts)):
-    out[i] = np.unique(idx_PxK[p[fires], k[fires]][fact_P[p[fires]] == i]).astype(np.int64)
-  return out
+  experts = idx_PxK[p[fires], k[fires]]
+  return [np.unique(experts[at]).astype(np.int64) for at in fact_rows(fact_P[p[fires]], len(facts))]
 
 
 def firing(ed: Editor, table: Any, facts: Sequence[StoredFact], rows: np.ndarray) -> list[StoredFact]:

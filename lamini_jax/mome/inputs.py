@@ -86,6 +86,17 @@ def fact_slots(encoded: Sequence[encoding.EncodedFact], slots_PxK: np.ndarray) -
   return out_FxTxK
 
 
+def fact_rows(fact_P: np.ndarray, num_facts: int) -> list[np.ndarray]:
+  """The rows of each fact 0 .. num_facts - 1 in fact_P (in order; other values: no fact's).
+
+  One sort by fact, not a scan of every row per fact (64,000 facts have 690,000 answer positions).
+  """
+  fact_P = np.asarray(fact_P)
+  order = np.argsort(fact_P, kind="stable")
+  bounds = np.searchsorted(fact_P[order], np.arange(num_facts + 1))
+  return [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
 def _chunk(n: int, batch_size: int) -> int:
   """Rows per forward pass over n sequences: batch_size, or the power of two that holds n when
   fewer (a handful of facts is not padded to a full chunk; few shapes compile)."""
@@ -126,8 +137,8 @@ def answer_routes(model: Transformer, variables: Any, path: tuple[str, ...],
     idx, w = route_jit(tree_get(variables[ROUTER], path), jnp.asarray(x_PxD), model.mome,
                        tree_get(variables[BALANCE], path))
     idx, w = np.asarray(idx), np.asarray(w)
-    for i, (k, _) in enumerate(todo):
-      cache[k] = (x_PxD[fact_P == i], idx[fact_P == i], w[fact_P == i])
+    for (k, _), rows in zip(todo, fact_rows(fact_P, len(todo))):
+      cache[k] = (x_PxD[rows], idx[rows], w[rows])
   parts = [cache[k] for k in keys]
   fact_P = np.repeat(np.arange(len(parts)), [len(p[0]) for p in parts])
   return tuple(np.concatenate([p[j] for p in parts]) for j in range(3)) + (fact_P,)
