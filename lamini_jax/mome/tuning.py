@@ -4,11 +4,10 @@ Two phases (paper section 7.1), both built on `train.fit`:
   1. generalization (`generalize`, skipped when `epochs = 0`): router and expert
      tables train on general text, the backbone frozen; the result is kept in
      the run directory and reused by every later call with the same configuration.
-  2. memory tuning (`tune_mome`): the router is frozen (with `whiten`, its query
-     first decorrelates the facts' inputs; with `balance`, it is given a frozen
-     selection bias that spreads the facts over the experts), so each fact
-     selects the same experts on every step; a step updates only the selected
-     experts' rows, so unselected experts, the router and the backbone stay
+  2. memory tuning (`tune_mome`): the router is frozen (with `whiten`, its query first
+     decorrelates the facts' inputs; with `balance`, a frozen selection bias spreads the facts
+     over the experts), so each fact selects the same experts on every step; a step updates
+     only the selected experts' rows, so unselected experts, the router and the backbone stay
      bit-for-bit unchanged.
 `prepare` runs phase 1 (or restores it), the whitening, the balance, the collision
 report and the keying of experts; `load_mome` rebuilds a trained model from its run paths.
@@ -407,12 +406,9 @@ def focus_slots(routes_FxTxK: np.ndarray, batch: batch_lib.Batch, rows_N: np.nda
 def apply_rows(tables: Any, rows: registry.Rows) -> Any:
   """The "mome" collection with the rows of `rows` (`registry.load_rows`) written into it."""
   for name, leaves in rows.items():
-    path = tuple(name.split("/"))
-    table = tree_get(tables, path)
-    idx = jnp.asarray(leaves["rows"], jnp.int32)
-    table = {k: (v.at[idx].set(jnp.asarray(leaves[k], v.dtype)) if k in leaves else v)
-             for k, v in table.items()}
-    tables = tree_set(tables, path, table)
+    path, idx = tuple(name.split("/")), jnp.asarray(leaves["rows"], jnp.int32)
+    tables = tree_set(tables, path, {k: (v.at[idx].set(jnp.asarray(leaves[k], v.dtype)) if k in leaves else v)
+                                     for k, v in tree_get(tables, path).items()})
   return tables
 
 
