@@ -205,9 +205,10 @@ class MomeTuningConfig:
   `balance` turns on `balance_router` before phase 2 (collision
   mitigation); `whiten`, before it, multiplies each layer's frozen query projection
   by the inverse square root of its inputs' second moment over the facts' answer
-  positions (`router.whitened`), so near inputs share fewer experts. `margin` adds `decision_hinge` to the phase-2 loss (0: cross-
-  entropy only). `train` is phase 2: its optimizer is applied per expert row
-  (keep Adafactor's `multiply_by_parameter_scale` off, since `up` starts at 0).
+  positions (`router.whitened`), so near inputs share fewer experts. `margin` adds
+  `decision_hinge` to the phase-2 loss (0: cross-entropy only). `train` is phase 2: its
+  optimizer is applied per expert row (keep Adafactor's `multiply_by_parameter_scale` off,
+  since `up` starts at 0).
   `recall_every`: epochs between exact-match recall checks in experiments.
   `train_positions`: "answer" (phase 2 trains only the experts selected at the
   positions that predict a trained token, `answer_positions`; the experts of
